@@ -1,0 +1,3 @@
+"""LightningDataModules, one per dataset family."""
+
+__all__: list[str] = []
