@@ -1,3 +1,16 @@
 """LightningDataModules, one per dataset family."""
 
 __all__: list[str] = []
+
+from swinlab.data.coco import COCODataModule  # noqa: E402
+
+__all__ += ["COCODataModule"]
+
+from swinlab.data.fashion_mnist import FashionMNISTDataModule  # noqa: E402
+from swinlab.data.imagenet import ImageFolderDataModule, ImageNetDataModule  # noqa: E402
+
+__all__ += ["FashionMNISTDataModule", "ImageFolderDataModule", "ImageNetDataModule"]
+
+from swinlab.data.ade20k import ADE20KDataModule  # noqa: E402
+
+__all__ += ["ADE20KDataModule"]

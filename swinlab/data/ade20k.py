@@ -1,0 +1,324 @@
+"""ADE20K (SceneParsing, 150 classes) in the ADEChallengeData2016 folder layout or as local parquet files.
+
+Folder layout (``data_root``)::
+
+    images/training/*.jpg        annotations/training/*.png     (same file stems)
+    images/validation/*.jpg      annotations/validation/*.png
+
+Parquet layout: Hugging Face ``scene_parse_150`` saved as parquet (``Dataset.to_parquet`` or the hub's
+parquet export) anywhere under ``data_root``; a file belongs to the training split when a folder or file name
+in its path starts with ``train`` and to the validation split when one starts with ``val``. Columns ``image``
+and ``annotation`` (label map, 0 = other), as in the folder layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from swinlab.data.segmentation_transforms import SegmentationEvalTransform, SegmentationTrainTransform
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+# mmsegmentation's ADE20KDataset.CLASSES: label k in the annotation files is class k - 1 here.
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
+    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
+    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
+    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
+    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
+    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
+    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
+    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
+    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
+    "glass", "clock", "flag",
+)  # fmt: skip
+
+Split = Literal["training", "validation"]
+
+
+def reduce_zero_label(mask: torch.Tensor) -> torch.Tensor:
+    """ADE20K label maps: 0 ("other") becomes ``IGNORE_INDEX`` and 1..255 shift down by one (uint8 (H, W))."""
+    reduced = mask.to(torch.int16) - 1
+    reduced[(mask == 0) | (mask == IGNORE_INDEX)] = IGNORE_INDEX
+    return reduced.to(torch.uint8)
+
+
+def _label_map_tensor(label_image: Image.Image, name: str) -> torch.Tensor:
+    # PIL, not torchvision: palette ("P") PNGs must give the palette indices, not colours.
+    if label_image.mode not in ("L", "P", "I;16", "I"):
+        raise ValueError(f"{name}: a label map must be a single-channel PNG (mode L or P), got mode {label_image.mode}")
+    array = np.asarray(label_image)
+    if array.max(initial=0) > 255:
+        raise ValueError(f"{name}: label values must be <= 255, got {array.max()}")
+    return torch.from_numpy(array.astype(np.uint8))
+
+
+class SegmentationFolder(Dataset):
+    """``images/{split}/<stem>.jpg`` with ``annotations/{split}/<stem>.png``; items are (uint8 (3, H, W), uint8 (H, W), name)."""
+
+    def __init__(self, root: str | Path, split: Split) -> None:
+        self.root = Path(root)
+        image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"{folder} does not exist; ADE20KDataModule expects the ADEChallengeData2016 layout "
+                    "images/{training,validation}/*.jpg and annotations/{training,validation}/*.png under data_root"
+                )
+        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.images:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
+        self.labels = [label_dir / f"{p.stem}.png" for p in self.images]
+        missing = [str(p) for p in self.labels if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} images in {image_dir} have no label map, e.g. {missing[0]} (expected the same stem, .png)"
+            )
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        image = decode_image(str(self.images[index]), mode=ImageReadMode.RGB)
+        with Image.open(self.labels[index]) as label_image:
+            mask = _label_map_tensor(label_image, str(self.labels[index]))
+        return image, mask, self.images[index].name
+
+
+class SegmentationParquet(Dataset):
+    """Rows of parquet files with an ``image`` and an ``annotation`` column (Hugging Face ``scene_parse_150``)."""
+
+    def __init__(self, files: Sequence[str | Path], split: Split) -> None:
+        from datasets import Dataset as HFDataset
+
+        self.files, self.split = [str(f) for f in files], split
+        self.table = HFDataset.from_parquet(self.files)
+        missing = {"image", "annotation"} - set(self.table.column_names)
+        if missing:
+            raise ValueError(
+                f"{self.files[0]}: parquet files need columns 'image' and 'annotation' "
+                f"(scene_parse_150 layout), missing {sorted(missing)}; found {self.table.column_names}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        row = self.table[index]
+        image = torch.from_numpy(np.array(row["image"].convert("RGB"))).permute(2, 0, 1).contiguous()
+        mask = _label_map_tensor(row["annotation"], f"{self.split} parquet row {index}")
+        return image, mask, f"{self.split}_{index:06d}"
+
+
+def find_parquet_files(root: str | Path, split: Split) -> list[Path]:
+    """Parquet files under ``root`` whose path has a folder or file name starting with ``train`` / ``val``."""
+    prefix = "train" if split == "training" else "val"
+    root = Path(root)
+    return sorted(
+        p for p in root.rglob("*.parquet") if any(part.lower().startswith(prefix) for part in p.relative_to(root).parts)
+    )
+
+
+class ImageFolder(Dataset):
+    """Every image directly in a folder, for prediction; items are (uint8 (3, H, W), name)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"predict_dir {folder} is not a folder of images")
+        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.images:
+            raise FileNotFoundError(f"predict_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return decode_image(str(self.images[index]), mode=ImageReadMode.RGB), self.images[index].name
+
+
+class _Labelled(Dataset):
+    """Applies label reduction, the range check and a transform to a (image, label map, name) source."""
+
+    def __init__(
+        self, source: Dataset, num_classes: int, reduce_zero: bool, transform: Any, train: bool, keep_raw: bool = False
+    ) -> None:
+        self.source, self.num_classes, self.reduce_zero = source, num_classes, reduce_zero
+        self.transform, self.train, self.keep_raw = transform, train, keep_raw
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, mask, name = self.source[index]
+        if image.shape[-2:] != mask.shape:
+            raise ValueError(f"{name}: image is {tuple(image.shape[-2:])} but its label map is {tuple(mask.shape)}")
+        if self.reduce_zero:
+            mask = reduce_zero_label(mask)
+        labels = mask[mask != IGNORE_INDEX]
+        if labels.numel() and int(labels.max()) >= self.num_classes:
+            raise ValueError(
+                f"{name}: label {int(labels.max())} >= num_classes {self.num_classes} "
+                f"(reduce_zero_label={self.reduce_zero}); check class_names and reduce_zero_label"
+            )
+        if self.train:
+            image, mask = self.transform(image, mask)
+            return {"image": image, "mask": mask}
+        sample = {"image": self.transform(image), "mask": mask.long(), "name": name}
+        if self.keep_raw:
+            sample["raw_image"] = image
+        return sample
+
+
+class _Unlabelled(Dataset):
+    def __init__(self, source: ImageFolder, transform: SegmentationEvalTransform) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, name = self.source[index]
+        return {"image": self.transform(image), "raw_image": image, "name": name}
+
+
+def collate_as_lists(samples: list[dict[str, Any]]) -> dict[str, list]:
+    """Evaluation batches keep one entry per image, because images keep their own sizes."""
+    return {key: [sample[key] for sample in samples] for key in samples[0]}
+
+
+class ADE20KDataModule(LightningDataModule):
+    """ADE20K for UperNet: the mmseg training pipeline, and evaluation at the original resolution.
+
+    Training samples are ``{"image": (3, crop, crop), "mask": (crop, crop)}`` stacked into batches. Evaluation
+    batches are lists (images keep their sizes): ``image`` resized into ``test_scale``, ``mask`` the label
+    map at the original size (int64, ``IGNORE_INDEX`` = 255 not scored), ``name``. ``test`` uses the
+    validation split (the ADE20K test images have no labels); ``predict`` uses ``predict_dir`` or the
+    validation images and adds ``raw_image`` (the uint8 original) for overlays.
+
+    Args:
+        data_root: folder with the ADEChallengeData2016 layout or with parquet files.
+        source: ``folder``, ``parquet`` or ``auto`` (folder when ``data_root/images`` exists).
+        class_names: class names after label reduction; ADE20K's 150 by default (``num_classes`` follows).
+        reduce_zero_label: map label 0 to 255 (ignored) and k to k - 1, as ADE20K needs.
+        crop_size, scale, ratio_range, cat_max_ratio: training augmentation (see ``SegmentationTrainTransform``).
+        test_scale: evaluation resize (long, short) keeping the aspect ratio; None keeps the size.
+        batch_size: training images per device; eval_batch_size: images per evaluation step.
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        source: Literal["auto", "folder", "parquet"] = "auto",
+        class_names: list[str] | None = None,
+        reduce_zero_label: bool = True,
+        crop_size: int | tuple[int, int] = 512,
+        scale: tuple[int, int] = (2048, 512),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        photometric: bool = True,
+        test_scale: tuple[int, int] | None = (2048, 512),
+        batch_size: int = 16,
+        eval_batch_size: int = 1,
+        num_workers: int = 4,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.data_root = Path(data_root)
+        self.class_names = list(class_names) if class_names is not None else list(ADE20K_CLASSES)
+        if not self.class_names:
+            raise ValueError("class_names must not be empty")
+        if source not in ("auto", "folder", "parquet"):
+            raise ValueError(f"source must be 'auto', 'folder' or 'parquet', got {source!r}")
+        self.source = source
+        self.reduce_zero_label = reduce_zero_label
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.predict_dir = predict_dir
+        self.train_transform = SegmentationTrainTransform(
+            crop_size=crop_size, scale=scale, ratio_range=ratio_range, cat_max_ratio=cat_max_ratio,
+            photometric=photometric, ignore_index=IGNORE_INDEX,
+        )  # fmt: skip
+        self.eval_transform = SegmentationEvalTransform(scale=test_scale)
+        self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _resolved_source(self) -> str:
+        if self.source != "auto":
+            return self.source
+        if (self.data_root / "images").is_dir():
+            return "folder"
+        if any(self.data_root.rglob("*.parquet")):
+            return "parquet"
+        raise FileNotFoundError(
+            f"data_root {self.data_root} holds neither images/{{training,validation}} (ADEChallengeData2016 layout) "
+            "nor parquet files (scene_parse_150); set data.init_args.data_root to the extracted data set"
+        )
+
+    def _split(self, split: Split) -> Dataset:
+        if self._resolved_source() == "folder":
+            return SegmentationFolder(self.data_root, split)
+        files = find_parquet_files(self.data_root, split)
+        if not files:
+            prefix = "train" if split == "training" else "val"
+            raise FileNotFoundError(
+                f"no parquet file for the {split} split under {self.data_root}: a folder or file name in the path "
+                f"must start with '{prefix}' (e.g. {self.data_root}/{split}/0000.parquet)"
+            )
+        return SegmentationParquet(files, split)
+
+    def _labelled(self, split: Split, train: bool, keep_raw: bool = False) -> Dataset:
+        transform = self.train_transform if train else self.eval_transform
+        return _Labelled(self._split(split), self.num_classes, self.reduce_zero_label, transform, train, keep_raw)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self._labelled("training", train=True)
+        if stage in ("fit", "validate", "test"):
+            self.datasets["val"] = self._labelled("validation", train=False)
+        if stage == "predict":
+            if self.predict_dir is not None:
+                self.datasets["predict"] = _Unlabelled(ImageFolder(self.predict_dir), self.eval_transform)
+            else:
+                self.datasets["predict"] = self._labelled("validation", train=False, keep_raw=True)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=None if train else collate_as_lists,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", train=False)

@@ -1,0 +1,375 @@
+"""COCO-style detection and instance segmentation data: COCO JSON folders or Hugging Face ``datasets``.
+
+Samples are ``(image, target)``: ``image`` a float tensor (3, H, W) in [0, 1] (the detector normalises and
+resizes it itself) and ``target`` a dict with
+
+- ``boxes``   (N, 4) float, absolute ``x1, y1, x2, y2`` pixels
+- ``labels``  (N,) int64, contiguous class index ``0 .. num_classes - 1`` (index into ``class_names``)
+- ``masks``   (N, H, W) uint8, only with masks on (COCO JSON source)
+- ``iscrowd`` (N,) int64 and ``area`` (N,) float, as in the annotation file (COCO metrics use them)
+- ``image_id`` int
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+Sample = tuple[torch.Tensor, dict[str, Any]]
+
+
+def detection_transforms(train: bool, flip_prob: float = 0.5) -> v2.Compose:
+    """PIL image + target -> float image in [0, 1]; training adds a horizontal flip that moves boxes and masks.
+
+    Multi-scale resizing is left to torchvision's ``GeneralizedRCNNTransform`` inside the detector.
+    """
+    steps: list[v2.Transform] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if train and flip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(flip_prob))
+    return v2.Compose(steps)
+
+
+def collate_detection(batch: list[Sample]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Keep images of different sizes as a list (the detector pads them to one batch tensor itself)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def _valid_box(x1: float, y1: float, x2: float, y2: float) -> bool:
+    return x2 > x1 and y2 > y1
+
+
+def _make_target(
+    boxes: list[list[float]], labels: list[int], iscrowd: list[int], area: list[float], image_id: int,
+    size: tuple[int, int], masks: np.ndarray | None,
+) -> dict[str, Any]:
+    target: dict[str, Any] = {
+        "boxes": tv_tensors.BoundingBoxes(
+            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=size
+        ),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "iscrowd": torch.tensor(iscrowd, dtype=torch.int64),
+        "area": torch.tensor(area, dtype=torch.float32),
+        "image_id": image_id,
+    }
+    if masks is not None:
+        target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
+    return target
+
+
+class CocoJsonDetection(Dataset):
+    """One split of a COCO folder: images in ``image_dir``, annotations in a COCO instances JSON.
+
+    Polygon, uncompressed RLE and compressed RLE masks are decoded by pycocotools. Boxes with zero width or
+    height are dropped. ``drop_crowd`` removes crowd regions (training; the detector cannot learn from them),
+    ``skip_empty`` leaves out images with no remaining annotation (training).
+    """
+
+    def __init__(
+        self,
+        image_dir: str | Path,
+        annotation_file: str | Path,
+        category_ids: list[int],
+        masks: bool = True,
+        drop_crowd: bool = False,
+        skip_empty: bool = False,
+        transforms: v2.Transform | None = None,
+    ) -> None:
+        from pycocotools.coco import COCO
+
+        self.image_dir = Path(image_dir)
+        self.annotation_file = Path(annotation_file)
+        if not self.annotation_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file {self.annotation_file} not found")
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder {self.image_dir} not found")
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            self.coco = COCO(str(self.annotation_file))
+        self.label_of_category = {cid: label for label, cid in enumerate(category_ids)}
+        self.masks = masks
+        self.drop_crowd = drop_crowd
+        self.transforms = transforms
+        for ann in self.coco.dataset.get("annotations", []):
+            if ann["category_id"] not in self.label_of_category:
+                raise ValueError(
+                    f"{self.annotation_file}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
+                    f"which is not among the categories {category_ids}; fix the annotation or the 'categories' list"
+                )
+        self.image_ids = sorted(self.coco.getImgIds())
+        if skip_empty:
+            self.image_ids = [i for i in self.image_ids if self._annotations(i)]
+
+    def _annotations(self, image_id: int) -> list[dict]:
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
+        keep = []
+        for ann in anns:
+            if self.drop_crowd and ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = ann["bbox"]
+            if _valid_box(x, y, x + w, y + h):
+                keep.append(ann)
+        return keep
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> Sample:
+        image_id = self.image_ids[index]
+        info = self.coco.loadImgs(image_id)[0]
+        path = self.image_dir / info["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} (id {image_id} in {self.annotation_file}) not found")
+        image = Image.open(path).convert("RGB")
+        width, height = image.size
+        anns = self._annotations(image_id)
+        boxes = []
+        for ann in anns:
+            x, y, w, h = ann["bbox"]
+            boxes.append([max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)])
+        masks = None
+        if self.masks:
+            masks = np.zeros((len(anns), height, width), dtype=np.uint8)
+            for i, ann in enumerate(anns):
+                masks[i] = self.coco.annToMask(ann)
+        target = _make_target(
+            boxes,
+            [self.label_of_category[a["category_id"]] for a in anns],
+            [int(a.get("iscrowd", 0)) for a in anns],
+            [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
+            int(image_id),
+            (height, width),
+            masks,
+        )
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+class HFDetection(Dataset):
+    """One split of a Hugging Face ``datasets`` detection set: columns ``image`` and ``objects`` (a dict of lists
+    with ``bbox`` and ``category``, optionally ``area`` and ``iscrowd``), optionally ``image_id``.
+
+    ``category`` is already a contiguous index (a ``ClassLabel`` in the usual layout). Boxes only.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        bbox_format: Literal["xywh", "xyxy"] = "xywh",
+        drop_crowd: bool = False,
+        skip_empty: bool = False,
+        transforms: v2.Transform | None = None,
+        source: str = "dataset",
+    ) -> None:
+        missing = {"image", "objects"} - set(dataset.column_names)
+        if missing:
+            raise ValueError(
+                f"{source}: Hugging Face detection data needs columns 'image' and 'objects' "
+                f"(with 'bbox' and 'category'); missing {sorted(missing)}, found {dataset.column_names}"
+            )
+        if bbox_format not in ("xywh", "xyxy"):
+            raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}")
+        self.dataset = dataset
+        self.bbox_format = bbox_format
+        self.drop_crowd = drop_crowd
+        self.transforms = transforms
+        self.indices = list(range(len(dataset)))
+        if skip_empty:
+            objects = dataset["objects"]
+            self.indices = [i for i in self.indices if self._keep(objects[i])]
+
+    def _keep(self, objects: dict[str, list]) -> list[int]:
+        """Indices of the objects that stay: valid boxes, and no crowd regions when ``drop_crowd``."""
+        if "bbox" not in objects or "category" not in objects:
+            raise ValueError(f"'objects' needs keys 'bbox' and 'category', found {sorted(objects)}")
+        crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
+        keep = []
+        for i, box in enumerate(objects["bbox"]):
+            if self.drop_crowd and crowd[i]:
+                continue
+            if _valid_box(*self._xyxy(box)):
+                keep.append(i)
+        return keep
+
+    def _xyxy(self, box: list[float]) -> list[float]:
+        if self.bbox_format == "xywh":
+            x, y, w, h = box
+            return [x, y, x + w, y + h]
+        return list(box)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Sample:
+        row = self.dataset[self.indices[index]]
+        image = row["image"].convert("RGB")
+        width, height = image.size
+        objects = row["objects"]
+        keep = self._keep(objects)
+        boxes = []
+        for i in keep:
+            x1, y1, x2, y2 = self._xyxy(objects["bbox"][i])
+            boxes.append([max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)])
+        crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
+        areas = objects.get("area") or [(b[2] - b[0]) * (b[3] - b[1]) for b in map(self._xyxy, objects["bbox"])]
+        target = _make_target(
+            boxes,
+            [int(objects["category"][i]) for i in keep],
+            [int(crowd[i]) for i in keep],
+            [float(areas[i]) for i in keep],
+            int(row.get("image_id", self.indices[index])),
+            (height, width),
+            None,
+        )
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def _load_hf_split(root: Path, split: str) -> Any:
+    """A split saved with ``DatasetDict.save_to_disk(root)`` or as ``root/{split}*.parquet``."""
+    import datasets
+
+    if (root / "dataset_dict.json").is_file():
+        dataset_dict = datasets.load_from_disk(str(root))
+        if split not in dataset_dict:
+            raise ValueError(f"{root}: split {split!r} not found; available splits {list(dataset_dict)}")
+        return dataset_dict[split]
+    files = sorted(str(p) for p in root.glob(f"{split}*.parquet"))
+    if not files:
+        raise FileNotFoundError(
+            f"{root}: neither a save_to_disk folder (dataset_dict.json) nor parquet files {split}*.parquet"
+        )
+    return datasets.Dataset.from_parquet(files)
+
+
+class COCODataModule(LightningDataModule):
+    """COCO detection / instance segmentation.
+
+    ``source="coco"``: the standard layout ``root/{train2017,val2017}/`` and
+    ``root/annotations/instances_{train2017,val2017}.json``; COCO category ids are mapped to contiguous labels
+    (``category_ids[label]`` maps back). ``source="hf"``: the same data saved with Hugging Face ``datasets``
+    (``save_to_disk`` or parquet; splits ``train``/``validation`` by default), boxes only, so ``masks`` must be
+    off. Training leaves out crowd regions and images without annotations; validation keeps both (crowd
+    regions are ignored by the COCO metric, as in the official evaluation).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        source: Literal["coco", "hf"] = "coco",
+        train_split: str | None = None,
+        val_split: str | None = None,
+        masks: bool = True,
+        hf_bbox_format: Literal["xywh", "xyxy"] = "xywh",
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        flip_prob: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if source not in ("coco", "hf"):
+            raise ValueError(f"COCODataModule source must be 'coco' or 'hf', got {source!r}")
+        if source == "hf" and masks:
+            raise ValueError(
+                "the Hugging Face detection format carries boxes only: set data masks: false and the model's "
+                "masks: false (Faster R-CNN), or use source: coco for instance masks"
+            )
+        self.root = Path(root)
+        self.source = source
+        self.train_split = train_split or ("train2017" if source == "coco" else "train")
+        self.val_split = val_split or ("val2017" if source == "coco" else "validation")
+        self.masks = masks
+        self.hf_bbox_format = hf_bbox_format
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.flip_prob = flip_prob
+        self.category_ids, self.class_names = self._read_categories()
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def annotation_file(self, split: str) -> Path:
+        return self.root / "annotations" / f"instances_{split}.json"
+
+    def _read_categories(self) -> tuple[list[int], list[str]]:
+        """Category ids (sorted, as COCO does) and names, read from the validation split."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"data root {self.root} not found (for the quickstart run `python scripts/make_shapes_coco.py`)"
+            )
+        if self.source == "coco":
+            path = self.annotation_file(self.val_split)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} not found; a COCO root holds {self.val_split}/ and annotations/instances_{self.val_split}.json"
+                )
+            categories = sorted(json.loads(path.read_text()).get("categories", []), key=lambda c: c["id"])
+            if not categories:
+                raise ValueError(f"{path}: the 'categories' list is empty or missing")
+            return [c["id"] for c in categories], [c["name"] for c in categories]
+        objects = _load_hf_split(self.root, self.val_split).features.get("objects")
+        # 'objects' is a dict of lists or a list of dicts depending on how it was built; unwrap either.
+        while hasattr(objects, "feature"):
+            objects = objects.feature
+        category = objects.get("category") if isinstance(objects, dict) else None
+        while hasattr(category, "feature"):
+            category = category.feature
+        names = getattr(category, "names", None)
+        if names is None:
+            raise ValueError(
+                f"{self.root}: objects.category must be a datasets.ClassLabel (its names become class_names), "
+                f"got {category}"
+            )
+        return list(range(len(names))), list(names)
+
+    def _dataset(self, split: str, train: bool) -> Dataset:
+        transforms = detection_transforms(train, self.flip_prob)
+        if self.source == "coco":
+            return CocoJsonDetection(
+                self.root / split, self.annotation_file(split), self.category_ids, masks=self.masks,
+                drop_crowd=train, skip_empty=train, transforms=transforms,
+            )
+        return HFDetection(
+            _load_hf_split(self.root, split), self.hf_bbox_format, drop_crowd=train, skip_empty=train,
+            transforms=transforms, source=f"{self.root} [{split}]",
+        )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.train_set is None:
+            self.train_set = self._dataset(self.train_split, train=True)
+        if stage in ("fit", "validate", "test", "predict") and self.val_set is None:
+            self.val_set = self._dataset(self.val_split, train=False)
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            collate_fn=collate_detection, persistent_workers=self.num_workers > 0, drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,134 @@
+"""Fashion-MNIST from the four standard idx files (the quickstart's data)."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from swinlab.data.imagenet import ClassificationDataModule, ImageFilesDataset
+from swinlab.data.transforms import fashion_mnist_transform
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_MAGIC = {3: 2051, 1: 2049}  # number of dimensions -> magic number of unsigned-byte idx files
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An unsigned-byte idx file (gzipped or not) -> uint8 array, shape (N,) for labels, (N, H, W) for images."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    ndim = data[3]
+    if ndim not in _IDX_MAGIC or magic != _IDX_MAGIC[ndim]:
+        raise ValueError(f"{path} is not an unsigned-byte idx file (magic number {magic})")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {array.size} bytes of data, its header says shape {shape}: truncated file?")
+    return array.reshape(shape)
+
+
+class TensorImageDataset(Dataset):
+    """uint8 images (N, 1, H, W) and labels (N,) -> ``(transform(image), label)``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+class FashionMNISTDataModule(ClassificationDataModule):
+    """Fashion-MNIST (10 classes, 60k train / 10k test, 28x28 grey) as (1, S, S) tensors, S = ``image_size``.
+
+    ``val_size`` images of the training file (a fixed random choice, ``split_seed``) are held out for validation;
+    the test loop runs on the 10k test file. Predict images are read as greyscale and resized to 28x28 first.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "/usr/share/datasets/fashion-mnist",
+        image_size: int = 32,
+        augment: bool = True,
+        crop_padding: int = 2,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, predict_dir)
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        self.data_dir = Path(data_dir)
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.class_names = list(FASHION_MNIST_CLASSES)
+        self.train_transform = fashion_mnist_transform(image_size, augment=augment, crop_padding=crop_padding)
+        self.eval_transform = fashion_mnist_transform(image_size)
+        self.files = {key: self._find(name) for key, name in FASHION_MNIST_FILES.items()}
+
+    def _find(self, name: str) -> Path:
+        for candidate in (self.data_dir / f"{name}.gz", self.data_dir / name):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"Fashion-MNIST file {name}.gz not found in {self.data_dir}. Install the data with "
+            "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts it in /usr/share/datasets/"
+            "fashion-mnist), or download the four idx .gz files from "
+            "https://github.com/zalandoresearch/fashion-mnist into a folder and pass --data.init_args.data_dir DIR"
+        )
+
+    def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.from_numpy(read_idx(self.files[f"{split}_images"]).copy()).unsqueeze(1)
+        labels = torch.from_numpy(read_idx(self.files[f"{split}_labels"]).astype(np.int64))
+        if len(images) != len(labels):
+            raise ValueError(
+                f"{self.files[f'{split}_images']} has {len(images)} images but "
+                f"{self.files[f'{split}_labels']} has {len(labels)} labels"
+            )
+        return images, labels
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate"):
+            images, labels = self._load("train")
+            if not 0 < self.val_size < len(labels):
+                raise ValueError(f"val_size must be in (0, {len(labels)}), got {self.val_size}")
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
+            val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], self.train_transform)
+            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], self.eval_transform)
+        elif stage == "test":
+            self.test_set = TensorImageDataset(*self._load("test"), self.eval_transform)
+        super().setup(stage)
+
+    def predict_dataset(self) -> Dataset:
+        return ImageFilesDataset(self.predict_dir, partial(_grey_image_to_tensor, transform=self.eval_transform), "L")
+
+
+def _grey_image_to_tensor(image: Image.Image, transform: Callable) -> torch.Tensor:
+    """A greyscale PIL image of any size -> ``transform`` of it resized to Fashion-MNIST's 28x28."""
+    grey = np.asarray(image.resize((28, 28), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return transform(torch.from_numpy(grey.copy()).unsqueeze(0))

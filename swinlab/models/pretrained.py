@@ -1,0 +1,160 @@
+"""Load official microsoft/Swin-Transformer, timm, and swinlab checkpoints into a swinlab model.
+
+Layouts differ in where patch merging lives: the official code keeps it at the END of stage i
+(``layers.{i}.downsample``, i = 0..2), timm and swinlab at the START of stage i (i = 1..3). The official
+files also carry buffers (``relative_position_index``, ``attn_mask``) that swinlab rebuilds. Loading never
+unpickles code: ``torch.load(weights_only=True)`` or safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Wrappers other code puts around a backbone's keys: DDP, Lightning tasks, mmdet/mmseg.
+_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+_BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table")
+_OFFICIAL_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    skipped_keys: list[str]  # dropped on purpose: head of another size, parts a features model has no use for
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file (.pth/.pt/.ckpt/.bin or .safetensors), unwrapped from ``model``/``state_dict``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path} is not a checkpoint that can be loaded safely (torch.load with weights_only=True failed: "
+            f"{str(err).splitlines()[0]}). swinlab never unpickles code; re-save the weights as a plain state "
+            f"dict or as .safetensors"
+        ) from err
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{path} does not hold a state dict of tensors (found {type(obj).__name__}"
+            f"{' with keys ' + ', '.join(list(map(str, obj))[:5]) if isinstance(obj, dict) else ''}); "
+            "expected an official Swin .pth (key 'model'), a timm state dict, or a Lightning checkpoint"
+        )
+    return obj
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix) for k in state):
+            # Lightning task checkpoints hold the backbone under "backbone." next to heads: keep the backbone.
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+def to_swinlab_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename official or timm keys to swinlab's (timm-like) layout and drop rebuilt buffers."""
+    state = _strip_prefixes(state)
+    official = any(k.startswith("layers.0.downsample.") for k in state)
+    out = {}
+    for key, value in state.items():
+        if key.endswith(_BUFFER_SUFFIXES):
+            continue
+        if official:
+            match = _OFFICIAL_DOWNSAMPLE.match(key)
+            if match:
+                key = f"layers.{int(match.group(1)) + 1}.downsample." + key[match.end():]
+        if key.startswith("head.fc."):
+            key = "head." + key[len("head.fc."):]
+        out[key] = value
+    return out
+
+
+def resize_relative_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """((2M'-1)^2, heads) -> ((2M-1)^2, heads) by bicubic interpolation, as the paper does at fine-tuning."""
+    old = int(round(table.shape[0] ** 0.5))
+    new = 2 * window - 1
+    grid = table.T.reshape(1, -1, old, old)
+    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
+    return grid.reshape(-1, new * new).T.to(table.dtype)
+
+
+def resize_absolute_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, L, C) or (1, H, W, C) -> (1, *grid, C) by bicubic interpolation."""
+    if pos.ndim == 3:
+        side = int(round(pos.shape[1] ** 0.5))
+        pos = pos.reshape(1, side, side, -1)
+    if tuple(pos.shape[1:3]) != tuple(grid):
+        pos = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=grid, mode="bicubic", align_corners=False)
+        pos = pos.permute(0, 2, 3, 1)
+    return pos
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
+    """Load an official, timm or swinlab checkpoint into ``model``, adapting it where the paper says how.
+
+    A different window size interpolates the relative-position-bias tables (bicubic), a different image size
+    the absolute position embedding; a head of another size is dropped with a warning; a final norm and head
+    that a features model (``out_indices``) has no use for are skipped quietly. Missing and unexpected keys are
+    logged by name; any other shape mismatch raises a ValueError naming the key, both shapes and the file.
+    """
+    state = to_swinlab_layout(read_state_dict(path))
+    target = model.state_dict()
+    features_only = getattr(model, "out_indices", None) is not None
+    converted, skipped = {}, []
+    for key, value in state.items():
+        if key not in target:
+            if features_only and (key.startswith(("head.", "norm.")) or key in ("norm.weight", "norm.bias")):
+                skipped.append(key)
+                continue
+            converted[key] = value  # reported as unexpected below
+            continue
+        want = target[key].shape
+        if key.endswith("relative_position_bias_table") and value.shape != want:
+            value = resize_relative_bias_table(value, int(round((want[0] ** 0.5 + 1) / 2)))
+        elif key == "absolute_pos_embed":
+            value = resize_absolute_pos_embed(value, tuple(want[1:3]))
+        elif key.startswith("head.") and value.shape != want:
+            logger.warning(
+                "%s: head %s has shape %s but the model's is %s (num_classes differs): the head is left "
+                "newly initialised", path, key, tuple(value.shape), tuple(want),
+            )
+            skipped.append(key)
+            continue
+        if value.shape != want:
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {tuple(value.shape)} but the model expects {tuple(want)}; "
+                "check that the checkpoint is for the same variant (embed_dim, depths, num_heads, patch_size)"
+            )
+        converted[key] = value
+    result = model.load_state_dict(converted, strict=False)
+    missing = [k for k in result.missing_keys if k not in skipped]  # a dropped head was already reported
+    if missing:
+        logger.warning("%s: %d keys of the model are not in the checkpoint and stay as initialised: %s",
+                       path, len(missing), ", ".join(missing))
+    if result.unexpected_keys:
+        logger.warning("%s: %d keys of the checkpoint have no place in the model and were ignored: %s",
+                       path, len(result.unexpected_keys), ", ".join(result.unexpected_keys))
+    if skipped:
+        logger.info("%s: skipped %s", path, ", ".join(skipped))
+    return LoadResult(list(result.missing_keys), list(result.unexpected_keys), skipped)

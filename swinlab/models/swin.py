@@ -1,0 +1,525 @@
+"""Swin Transformer (Liu et al. 2021, arXiv 2103.14030), faithful to the paper and the official code.
+
+Tensors inside the network are channels-last, ``(B, H, W, C)``; stage outputs leave as NCHW. Every paper
+ablation is a constructor argument: ``window_size``, ``shift``, ``position_bias``, ``patch_size``,
+``embed_dim``, ``depths``, ``num_heads``, ``mlp_ratio``, ``qkv_bias``, ``drop_path_rate``.
+
+Any input size works: each block pads its map to the window grid and the attention mask keeps the padding
+out, so a real token only ever attends to real tokens of its own (shifted) window.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+PositionBias = Literal["relative", "absolute", "relative+absolute", "none"]
+POSITION_BIAS_CHOICES: tuple[str, ...] = ("relative", "absolute", "relative+absolute", "none")
+
+# The official code fills masked attention logits with -100, not -inf: a row that is masked everywhere
+# (possible in a window of padding) then stays finite instead of turning into NaN.
+MASK_VALUE = -100.0
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) with H, W multiples of ``window`` -> (B * nW, window * window, C)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+
+
+def relative_position_index(window: int, table_window: int) -> torch.Tensor:
+    """(window^2, window^2) indices into a ((2 * table_window - 1)^2, heads) bias table.
+
+    ``window`` may be smaller than the table's window (a window clipped to a small feature map): its
+    offsets, at most ``window - 1``, all have entries in the larger table.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (table_window - 1)
+    return relative[..., 0] * (2 * table_window - 1) + relative[..., 1]
+
+
+class WindowLayout(NamedTuple):
+    """How an H x W map is cut into (shifted) windows, precomputed once per (H, W, window, shift).
+
+    ``gather`` (nW * N,): for each window slot, the row-major index of its source token on the map
+    (padding slots point at token 0; the mask hides them). ``scatter`` (H * W,): the window slot of each
+    token. ``mask`` (nW, N, N) additive, or None where no pair needs masking. One ``index_select`` each
+    way replaces pad + roll + partition (and their reverses), which costs several copies.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def window_layout(H: int, W: int, window: int, shift: int, device: torch.device | None = None) -> WindowLayout:
+    """Windows of an H x W map padded to the window grid and cyclically shifted by ``shift``.
+
+    Two kinds of pairs are masked: tokens from different regions of a shifted window (the paper's SW-MSA
+    mask, regions as in the official code), and keys that are padding.
+    """
+    Hp, Wp = -(-H // window) * window, -(-W // window) * window
+    source = torch.full((Hp, Wp), -1, dtype=torch.long)
+    source[:H, :W] = torch.arange(H * W).view(H, W)
+    region = torch.zeros(Hp, Wp, dtype=torch.long)
+    if shift > 0:
+        source = torch.roll(source, shifts=(-shift, -shift), dims=(0, 1))
+        cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+        for label, (hs, ws) in enumerate((hs, ws) for hs in cuts for ws in cuts):
+            region[hs, ws] = label
+    slots = window_partition(source[None, :, :, None], window).reshape(-1, window * window)  # (nW, N)
+    regions = window_partition(region[None, :, :, None], window).reshape(-1, window * window)
+    padding = slots < 0
+    flat = slots.reshape(-1)
+    scatter = torch.empty(H * W, dtype=torch.long)
+    scatter[flat[flat >= 0]] = torch.arange(flat.numel())[flat >= 0]
+    mask = None
+    if shift > 0 or padding.any():
+        masked = (regions[:, :, None] != regions[:, None, :]) | padding[:, None, :]
+        mask = torch.zeros(masked.shape).masked_fill(masked, MASK_VALUE).to(device)
+    return WindowLayout(flat.clamp(min=0).to(device), scatter.to(device), mask)
+
+
+class PatchEmbed(nn.Module):
+    """Patch partition + linear embedding + LayerNorm: (B, C_in, H, W) -> (B, H / p, W / p, C).
+
+    H and W need not be multiples of the patch size: the image is zero-padded on the bottom and right.
+    """
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with an optional relative position bias.
+
+    Input (B * nW, N, C) with N = window^2; ``mask`` (nW, N, N) additive or None. Bias and mask are
+    summed into one additive mask for ``scaled_dot_product_attention``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        relative_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if relative_bias:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+            trunc_normal_(self.relative_position_bias_table, std=0.02)
+            self.register_buffer(
+                "relative_position_index", relative_position_index(window_size, window_size), persistent=False
+            )
+        else:
+            self.relative_position_bias_table = None
+        self._index_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def relative_bias(self, window: int) -> torch.Tensor | None:
+        """(heads, N, N) bias for an effective window (the table's own, or a smaller clipped one)."""
+        if self.relative_position_bias_table is None:
+            return None
+        if window == self.window_size:
+            index = self.relative_position_index
+        else:
+            key = (window, self.relative_position_bias_table.device)
+            if key not in self._index_cache:
+                self._index_cache[key] = relative_position_index(window, self.window_size).to(key[1])
+            index = self._index_cache[key]
+        N = window * window
+        return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        BnW, N, C = x.shape
+        heads, dropout = self.num_heads, self.attn_drop if self.training else 0.0
+        qkv = self.qkv(x).view(BnW, N, 3, heads, C // heads)
+        bias = self.relative_bias(window)  # (heads, N, N) or None
+        if mask is None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, head_dim)
+            attn_mask = None if bias is None else bias.to(q.dtype)[None]
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        else:
+            # Windows fold into the head axis, (B, nW * heads, N, head_dim), so the (nW, heads) mask
+            # broadcasts over the batch without being copied B times and SDPA keeps its fused CPU/GPU kernels.
+            nW = mask.shape[0]
+            q, k, v = qkv.view(BnW // nW, nW, N, 3, heads, -1).permute(3, 0, 1, 4, 2, 5).reshape(
+                3, BnW // nW, nW * heads, N, -1).unbind(0)
+            attn_mask = mask[:, None] if bias is None else bias[None] + mask[:, None]
+            attn_mask = attn_mask.to(q.dtype).expand(nW, heads, N, N).reshape(1, nW * heads, N, N)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            x = x.view(BnW, heads, N, -1)
+        x = x.transpose(1, 2).reshape(BnW, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm block: (S)W-MSA then MLP, each with a residual and stochastic depth. (B, H, W, C) -> same.
+
+    ``shift`` is True for the odd blocks of a stage (SW-MSA, cyclic shift by floor(M / 2)).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        shift: bool = False,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        relative_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.shift_size = window_size // 2 if shift else 0
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop, relative_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x: torch.Tensor, window: int, layout: WindowLayout) -> torch.Tensor:
+        """``window`` and ``layout`` (padding, shift, mask) are the effective ones for this map (see :class:`SwinStage`)."""
+        B, H, W, C = x.shape
+        windows = self.norm1(x).view(B, H * W, C).index_select(1, layout.gather).view(-1, window * window, C)
+        attended = self.attn(windows, window, layout.mask).view(B, -1, C).index_select(1, layout.scatter)
+        x = x + self.drop_path(attended.view(B, H, W, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each 2x2 neighbourhood (4C), LayerNorm, Linear to 2C without bias. (B, H, W, C) -> (B, H/2, W/2, 2C).
+
+    Odd sizes are zero-padded first. The concatenation order is the official one (x00, x10, x01, x11).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging, then ``depth`` blocks alternating W-MSA and SW-MSA. (B, H, W, C) -> (B, H', W', C').
+
+    Window layouts (indices and masks) depend only on (map size, window, shift): built once per size, cached.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        downsample: bool,
+        shift: bool = True,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: Sequence[float] = (),
+        relative_bias: bool = True,
+        clip_window_to_feature: bool = False,
+        name: str = "stage",
+    ) -> None:
+        super().__init__()
+        in_dim = dim // 2 if downsample else dim
+        self.downsample = PatchMerging(in_dim) if downsample else nn.Identity()
+        self.window_size = window_size
+        self.clip_window_to_feature = clip_window_to_feature
+        self.name = name
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList(
+            SwinBlock(
+                dim, num_heads, window_size, shift=shift and j % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop=drop, attn_drop=attn_drop, drop_path=drop_path[j] if drop_path else 0.0,
+                relative_bias=relative_bias,
+            )
+            for j in range(depth)
+        )
+        self._layouts: dict[tuple, WindowLayout] = {}
+        self._warned_sizes: set[tuple[int, int]] = set()
+
+    def effective_window(self, H: int, W: int) -> tuple[int, int]:
+        """(window, shift) for an H x W map; shift is the one of shifted blocks."""
+        window, shift = self.window_size, self.window_size // 2
+        if min(H, W) <= window:
+            if self.clip_window_to_feature:
+                return min(H, W), 0
+            if (H, W) not in self._warned_sizes and not torch.compiler.is_compiling():
+                self._warned_sizes.add((H, W))
+                logger.info(
+                    "%s: feature map %dx%d is no larger than window %d; the shifted blocks still shift by %d "
+                    "(the official code shrinks the window and drops the shift here: "
+                    "pass clip_window_to_feature=True to match it)", self.name, H, W, window, shift,
+                )
+        return window, shift
+
+    def layout(self, H: int, W: int, window: int, shift: int, device: torch.device) -> WindowLayout:
+        if torch.compiler.is_compiling():
+            return window_layout(H, W, window, shift, device)
+        key = (H, W, window, shift, device)
+        if key not in self._layouts:
+            self._layouts[key] = window_layout(H, W, window, shift, device)
+        return self._layouts[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        H, W = x.shape[1:3]
+        window, shift = self.effective_window(H, W)
+        plain = self.layout(H, W, window, 0, x.device)
+        shifted = self.layout(H, W, window, shift, x.device) if shift else plain
+        for block in self.blocks:
+            layout = shifted if block.shift_size else plain
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, window, layout, use_reentrant=False)
+            else:
+                x = block(x, window, layout)
+        return x
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer backbone and classifier.
+
+    ``forward(x)``: (B, C_in, H, W) -> (B, num_classes) logits, or (B, num_features) when num_classes=0.
+    ``forward_features(x)``: list of NCHW stage maps for ``out_indices`` (strides patch_size * 2^i).
+    With ``out_indices`` given (a dense-prediction backbone) each of those maps has its own LayerNorm
+    ``norm{i}`` and there is no final norm or head, as in the official detection/segmentation backbones;
+    without it the model is the classifier (final ``norm``, global average pool, ``head``).
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        shift: bool = True,
+        position_bias: PositionBias = "relative",
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        clip_window_to_feature: bool = False,
+        out_indices: Sequence[int] | None = None,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        validate_config(embed_dim, depths, num_heads, window_size, position_bias, patch_size, out_indices)
+        self.num_classes = num_classes
+        self.patch_size = patch_size
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.depths = tuple(depths)
+        self.num_layers = len(depths)
+        self.embed_dim = embed_dim
+        self.num_features = embed_dim * 2 ** (self.num_layers - 1)
+        self.out_indices = tuple(out_indices) if out_indices is not None else None
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        if position_bias in ("absolute", "relative+absolute"):
+            grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, *grid, embed_dim))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # rises linearly over all blocks
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            start = sum(depths[:i])
+            self.layers.append(
+                SwinStage(
+                    embed_dim * 2**i, depth, num_heads[i], window_size, downsample=i > 0, shift=shift,
+                    mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                    drop_path=drop_path[start:start + depth], relative_bias=position_bias in ("relative", "relative+absolute"),
+                    clip_window_to_feature=clip_window_to_feature, name=f"stage {i}",
+                )
+            )
+        if self.out_indices is None:
+            self.norm = nn.LayerNorm(self.num_features)
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        else:
+            for i in self.out_indices:
+                self.add_module(f"norm{i}", nn.LayerNorm(embed_dim * 2**i))
+        self.set_grad_checkpointing(grad_checkpointing)
+        self.apply(_init_weights)
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return [self.embed_dim * 2**i for i in self._feature_indices()]
+
+    @property
+    def feature_strides(self) -> list[int]:
+        return [self.patch_size * 2**i for i in self._feature_indices()]
+
+    def _feature_indices(self) -> tuple[int, ...]:
+        return self.out_indices if self.out_indices is not None else tuple(range(self.num_layers))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    @property
+    def num_lr_layers(self) -> int:
+        """Depth for layer-wise lr decay: the embedding is layer 0, block k is layer k + 1, norm/head the top."""
+        return sum(self.depths) + 1
+
+    def lr_layer_id(self, name: str) -> int:
+        """Layer of a parameter name (as in ``named_parameters``) for layer-wise lr decay."""
+        if name.startswith(("patch_embed", "absolute_pos_embed")):
+            return 0
+        if name.startswith("layers."):
+            parts = name.split(".")
+            stage = int(parts[1])
+            first = sum(self.depths[:stage]) + 1
+            return first + int(parts[3]) if parts[2] == "blocks" else first
+        return self.num_lr_layers
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, H / p, W / p, C), with the absolute position embedding if any."""
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            pos = self.absolute_pos_embed
+            if pos.shape[1:3] != x.shape[1:3]:
+                pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic", align_corners=False)
+                pos = pos.permute(0, 2, 3, 1)
+            x = x + pos
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, C_in, H, W) -> [(B, C * 2^i, H / (p * 2^i), W / (p * 2^i)) for i in out_indices], rounded up."""
+        x = self.embed(x)
+        wanted = self._feature_indices()
+        features = []
+        for i, stage in enumerate(self.layers):
+            x = stage(x)
+            if i in wanted:
+                norm = getattr(self, f"norm{i}", None)
+                if norm is None and i == self.num_layers - 1:
+                    norm = self.norm
+                y = norm(x) if norm is not None else x
+                features.append(y.permute(0, 3, 1, 2).contiguous())
+            if i >= max(wanted):
+                break
+        return features
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Last stage (B, H, W, C) -> final norm, global average pool, head."""
+        return self.head(self.norm(x).mean(dim=(1, 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.out_indices is not None:
+            return self.forward_features(x)
+        x = self.embed(x)
+        for stage in self.layers:
+            x = stage(x)
+        return self.forward_head(x)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def validate_config(
+    embed_dim: int,
+    depths: Sequence[int],
+    num_heads: Sequence[int],
+    window_size: int,
+    position_bias: str,
+    patch_size: int,
+    out_indices: Sequence[int] | None,
+) -> None:
+    """Raise a ValueError that names the argument and the fix for a configuration that cannot work."""
+    if len(depths) != len(num_heads):
+        raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length (one per stage)")
+    for i, heads in enumerate(num_heads):
+        dim = embed_dim * 2**i
+        if heads <= 0 or dim % heads:
+            raise ValueError(
+                f"embed_dim={embed_dim} gives {dim} channels in stage {i}, not divisible by num_heads[{i}]={heads}; "
+                f"choose num_heads that divide embed_dim * 2**i (for example embed_dim={heads * 32} with head dim 32)"
+            )
+    if window_size < 1:
+        raise ValueError(f"window_size must be >= 1, got {window_size}")
+    if patch_size < 1:
+        raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if position_bias not in POSITION_BIAS_CHOICES:
+        raise ValueError(f"position_bias={position_bias!r} is not one of {POSITION_BIAS_CHOICES}")
+    if out_indices is not None and (not out_indices or any(not 0 <= i < len(depths) for i in out_indices)):
+        raise ValueError(f"out_indices={tuple(out_indices)} must name stages in 0..{len(depths) - 1}")
+
+
+def swin_t(**kwargs) -> SwinTransformer:
+    """Swin-T: C=96, depths 2-2-6-2, heads 3-6-12-24 (28.3M params, 4.5 GMACs at 224)."""
+    return SwinTransformer(**{"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "drop_path_rate": 0.2, **kwargs})
+
+
+def swin_s(**kwargs) -> SwinTransformer:
+    """Swin-S: C=96, depths 2-2-18-2, heads 3-6-12-24 (49.6M params, 8.7 GMACs at 224)."""
+    return SwinTransformer(**{"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24), "drop_path_rate": 0.3, **kwargs})
+
+
+def swin_b(**kwargs) -> SwinTransformer:
+    """Swin-B: C=128, depths 2-2-18-2, heads 4-8-16-32 (87.8M params, 15.4 GMACs at 224)."""
+    return SwinTransformer(**{"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "drop_path_rate": 0.5, **kwargs})
+
+
+def swin_l(**kwargs) -> SwinTransformer:
+    """Swin-L: C=192, depths 2-2-18-2, heads 6-12-24-48 (196.5M params, 34.5 GMACs at 224)."""
+    return SwinTransformer(**{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "drop_path_rate": 0.2, **kwargs})

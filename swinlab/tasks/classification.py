@@ -1,0 +1,172 @@
+"""Image classification with a Swin backbone: the paper's ImageNet-1K recipe, and small-scale recipes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from swinlab.callbacks import ClassificationPredictionWriter
+from swinlab.tasks.base import SwinTask, build_backbone
+
+
+class ClassificationTask(SwinTask):
+    """A registered Swin backbone with its linear head, trained with cross-entropy (optionally Mixup/CutMix).
+
+    Args:
+        backbone: registered model name (``swin_t``, ``swin_s``, ``swin_b``, ``swin_l``).
+        backbone_kwargs: constructor overrides (``img_size``, ``window_size``, ``drop_path_rate``, ...).
+        pretrained: official, timm or swinlab checkpoint; tables are interpolated to a new window or image size,
+            a head of another size is left newly initialised.
+        num_classes: linked from the data module by the CLI.
+        lr_reference_batch: if set, the configured lr (and so warm-up and minimum lr) is multiplied by
+            ``global batch / lr_reference_batch``, global batch = batch size x devices x nodes x accumulation
+            (the paper: lr 1e-3 at 1024, so ``lr: 1.0e-3, lr_reference_batch: 1024``).
+        label_smoothing: applied to the hard targets, or folded into the Mixup/CutMix soft targets.
+        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm ``Mixup``; off when both alphas are 0.
+        ema_decay: keep a timm ``ModelEmaV3`` of the backbone with this decay; validation, test and predict then
+            use the averaged weights.
+        predictions_file: CSV written by ``predict`` (relative paths land in ``trainer.default_root_dir``).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "swin_t",
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        num_classes: int = 1000,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        layer_decay: float | None = None,
+        lr_reference_batch: int | None = None,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        ema_decay: float | None = None,
+        predictions_file: str = "predictions.csv",
+    ) -> None:
+        super().__init__(optimizer, lr_scheduler, layer_decay)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if lr_reference_batch is not None and lr_reference_batch < 1:
+            raise ValueError(f"lr_reference_batch must be >= 1 or null, got {lr_reference_batch}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
+        self.num_classes = num_classes
+        self.lr_reference_batch = lr_reference_batch
+        self.predictions_file = predictions_file
+        self.backbone = build_backbone(backbone, {**(backbone_kwargs or {}), "num_classes": num_classes}, pretrained)
+
+        self.ema: ModelEmaV3 | None = None
+        if ema_decay is not None:
+            self.ema = ModelEmaV3(self.backbone, decay=ema_decay)
+            # The average is not trained: keep it out of the optimizer's parameter groups and DDP's gradients.
+            self.ema.requires_grad_(False)
+
+        self.mixup: Mixup | None = None
+        if mixup_alpha > 0 or cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=mixup_alpha,
+                cutmix_alpha=cutmix_alpha,
+                prob=mixup_prob,
+                switch_prob=mixup_switch_prob,
+                label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+            self.train_loss: nn.Module = SoftTargetCrossEntropy()
+        else:
+            self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.eval_loss = nn.CrossEntropyLoss()
+
+        metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+        if num_classes > 5:  # top-5 of five or fewer classes is always 1
+            metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+
+    @property
+    def eval_network(self) -> nn.Module:
+        """The weights that validation, test and predict use: the EMA when enabled."""
+        return self.ema.module if self.ema is not None else self.backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, num_classes) logits of the trained (not averaged) weights."""
+        return self.backbone(images)
+
+    def parameter_groups(self) -> list[dict]:
+        groups = super().parameter_groups()
+        if self.lr_reference_batch is not None:
+            global_batch = self.global_batch_size()
+            scale = global_batch / self.lr_reference_batch
+            rank_zero_info(f"lr scaled by global batch {global_batch} / {self.lr_reference_batch} = {scale:g}")
+            for group in groups:
+                group["lr_scale"] = group.get("lr_scale", 1.0) * scale
+        return groups
+
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all processes: batch size x world size x gradient accumulation."""
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if not isinstance(batch_size, int):
+            raise ValueError(
+                "lr_reference_batch needs the data module's batch_size attribute to scale the lr; set "
+                "model.init_args.lr_reference_batch to null and give the final lr instead"
+            )
+        return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def on_fit_start(self) -> None:
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if self.mixup is not None and isinstance(batch_size, int) and batch_size % 2:
+            raise ValueError(
+                f"Mixup/CutMix pairs images within a batch: data batch_size must be even, got {batch_size}"
+            )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        loss = self.train_loss(self(images), targets)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", max(group["lr"] for group in self.trainer.optimizers[0].param_groups))
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            # Lightning counts this step in global_step only after the hook returns; timm expects the count
+            # including it (the first update copies the weights).
+            self.ema.update(self.backbone, step=self.global_step + 1)
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
+        images, targets = batch
+        logits = self.eval_network(images)
+        self.log(f"{stage}/loss", self.eval_loss(logits, targets), sync_dist=True)
+        metrics.update(logits, targets)
+        self.log_dict(metrics, prog_bar=stage == "val")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: tuple[torch.Tensor, list[str]], batch_idx: int) -> dict[str, Any]:
+        """``(images, files)`` -> ``{"files", "probs": (B, k), "indices": (B, k)}``, the top k = min(5, C) classes."""
+        images, files = batch
+        probs = self.eval_network(images).float().softmax(dim=-1)
+        top = probs.topk(min(5, self.num_classes), dim=-1)
+        return {"files": list(files), "probs": top.values.cpu(), "indices": top.indices.cpu()}
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [ClassificationPredictionWriter(self.predictions_file)]

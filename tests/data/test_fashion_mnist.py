@@ -1,0 +1,71 @@
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from swinlab.data import FashionMNISTDataModule
+from swinlab.data.fashion_mnist import read_idx
+
+
+def test_read_idx_reads_images_and_labels(fashion_mnist_dir):
+    images = read_idx(fashion_mnist_dir / "train-images-idx3-ubyte.gz")
+    labels = read_idx(fashion_mnist_dir / "train-labels-idx1-ubyte.gz")
+    assert images.shape == (40, 28, 28) and images.dtype == np.uint8
+    assert labels.tolist() == [i % 10 for i in range(40)]
+
+
+def test_read_idx_rejects_other_files(tmp_path):
+    bad = tmp_path / "bad.gz"
+    with gzip.open(bad, "wb") as f:
+        f.write(b"\x00\x00\x0d\x03" + b"\x00" * 16)
+    with pytest.raises(ValueError, match="bad.gz is not an unsigned-byte idx file"):
+        read_idx(bad)
+    short = tmp_path / "short.gz"
+    with gzip.open(short, "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"\x01" * 3)
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(short)
+
+
+def test_splits_shapes_and_normalisation(fashion_mnist_dir):
+    dm = FashionMNISTDataModule(data_dir=str(fashion_mnist_dir), image_size=32, val_size=8, batch_size=4)
+    assert dm.num_classes == 10 and dm.class_names[0] == "T-shirt/top"
+    dm.setup("fit")
+    assert len(dm.train_set) == 32 and len(dm.val_set) == 8
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 1, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    dm.setup("test")
+    assert len(dm.test_set) == 20
+    # Eval images are the 28x28 picture centred in a zero border, normalised: the border is (0 - mean) / std.
+    image, _ = dm.test_set[0]
+    assert torch.allclose(image[:, :2, :], torch.full_like(image[:, :2, :], -0.2860 / 0.3530), atol=1e-4)
+
+
+def test_validation_split_is_fixed_and_disjoint(fashion_mnist_dir):
+    first, second = (FashionMNISTDataModule(data_dir=str(fashion_mnist_dir), val_size=8) for _ in range(2))
+    first.setup("fit")
+    second.setup("fit")
+    assert torch.equal(first.val_set.images, second.val_set.images)
+    train_rows = {bytes(x.numpy()) for x in first.train_set.images}
+    assert not any(bytes(x.numpy()) in train_rows for x in first.val_set.images)
+
+
+def test_missing_files_say_how_to_get_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as error:
+        FashionMNISTDataModule(data_dir=str(tmp_path))
+    assert str(tmp_path) in str(error.value)
+
+
+def test_bad_val_size(fashion_mnist_dir):
+    dm = FashionMNISTDataModule(data_dir=str(fashion_mnist_dir), val_size=40)
+    with pytest.raises(ValueError, match="val_size"):
+        dm.setup("fit")
+
+
+def test_predict_reads_any_image_as_28x28_grey(fashion_mnist_dir, predict_folder):
+    dm = FashionMNISTDataModule(data_dir=str(fashion_mnist_dir), predict_dir=str(predict_folder), batch_size=8)
+    dm.setup("predict")
+    images, files = next(iter(dm.predict_dataloader()))
+    assert images.shape == (3, 1, 32, 32)
+    assert list(files) == ["img_0.JPEG", "img_1.JPEG", "more/img_0.JPEG"]

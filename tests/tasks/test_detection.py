@@ -1,0 +1,210 @@
+"""DetectionTask through the CLI (every config), its COCO metrics against pycocotools, and predict outputs."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from swinlab.cli import main
+from swinlab.data.coco import COCODataModule
+from swinlab.tasks.detection import DetectionPredictionWriter, DetectionTask, SwinFPN
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs" / "detection").glob("*.yaml"))
+SIZE = 64
+TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}
+TINY_HEADS = {"fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 16, "min_size": SIZE, "max_size": SIZE}
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = importlib.util.spec_from_file_location("make_shapes_coco", REPO / "scripts" / "make_shapes_coco.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = tmp_path_factory.mktemp("shapes")
+    script.main(["--out", str(root), "--num-train", "4", "--num-val", "3", "--size", str(SIZE),
+                 "--min-radius", "6", "--max-radius", "14"])
+    return root
+
+
+def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
+    """Shrink any detection config to a seconds-long CPU run on the tiny shapes set."""
+    heads = [f"--model.init_args.{key}={value}" for key, value in TINY_HEADS.items()]
+    return [
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+        f"--trainer.default_root_dir={run_dir}", "--trainer.callbacks=[]",
+        "--model.init_args.pretrained=null", f"--model.init_args.backbone_kwargs={json.dumps(TINY_BACKBONE)}",
+        *heads,
+        f"--data.init_args.root={data_root}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_fits_and_validates(config: Path, shapes_root: Path, tmp_path: Path) -> None:
+    main(["fit", "--config", str(config), *tiny_overrides(shapes_root, tmp_path), "--trainer.fast_dev_run=1"])
+
+
+def test_validate_logs_box_and_mask_ap(shapes_root: Path, tmp_path: Path) -> None:
+    config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
+    main(["validate", "--config", str(config), *tiny_overrides(shapes_root, tmp_path)])
+    (metrics_file,) = tmp_path.rglob("metrics.csv")
+    row = next(csv.DictReader(metrics_file.open()))
+    for kind in ("box", "mask"):
+        for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large"):
+            assert -1.0 <= float(row[f"val/{kind}_{key}"]) <= 1.0
+
+
+def hf_copy_of(coco_root: Path, out: Path) -> None:
+    """The shapes set saved with Hugging Face ``datasets``: ``objects`` with xywh ``bbox`` and ``category``."""
+    import datasets
+
+    splits = {}
+    for coco_split, hf_name in (("train2017", "train"), ("val2017", "validation")):
+        coco = COCO(str(coco_root / "annotations" / f"instances_{coco_split}.json"))
+        names = [c["name"] for c in coco.loadCats(sorted(coco.getCatIds()))]
+        rows = {"image_id": [], "image": [], "objects": []}
+        for image_id in sorted(coco.getImgIds()):
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+            rows["image_id"].append(image_id)
+            rows["image"].append(Image.open(coco_root / coco_split / coco.loadImgs(image_id)[0]["file_name"]))
+            rows["objects"].append({"bbox": [a["bbox"] for a in anns], "category": [a["category_id"] - 1 for a in anns]})
+        features = datasets.Features({
+            "image_id": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "objects": {
+                "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+                "category": datasets.List(datasets.ClassLabel(names=names)),
+            },
+        })
+        splits[hf_name] = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+
+
+def test_faster_rcnn_on_the_hugging_face_source(shapes_root: Path, tmp_path: Path) -> None:
+    hf_root = tmp_path / "hf"
+    hf_copy_of(shapes_root, hf_root)
+    config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
+    main([
+        "fit", "--config", str(config), *tiny_overrides(hf_root, tmp_path / "run"), "--trainer.fast_dev_run=1",
+        "--data.init_args.source=hf", "--data.init_args.masks=false", "--model.init_args.masks=false",
+    ])
+
+
+def test_masks_on_without_mask_targets_is_a_clear_error() -> None:
+    task = DetectionTask(num_classes=2, backbone_kwargs=TINY_BACKBONE, **TINY_HEADS)
+    target = {"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([0])}
+    with pytest.raises(ValueError, match="masks: false"):
+        task._detector_targets([target])
+
+
+def test_fpn_gives_five_levels_with_the_strides_of_the_paper() -> None:
+    task = DetectionTask(num_classes=2, backbone_kwargs=TINY_BACKBONE, **TINY_HEADS)
+    levels = task.detector.backbone(torch.randn(1, 3, 64, 96))
+    assert isinstance(task.detector.backbone, SwinFPN)
+    assert [(k, tuple(v.shape)) for k, v in levels.items()] == [
+        ("0", (1, 16, 16, 24)), ("1", (1, 16, 8, 12)), ("2", (1, 16, 4, 6)), ("3", (1, 16, 2, 3)), ("pool", (1, 16, 1, 2)),
+    ]
+
+
+def test_layer_decay_scales_only_the_swin_body() -> None:
+    task = DetectionTask(num_classes=2, backbone_kwargs=TINY_BACKBONE, layer_decay=0.5, **TINY_HEADS)
+    scale_of = {name: group["lr_scale"] for group in task.parameter_groups() for name in group["names"]}
+    assert scale_of["detector.backbone.fpn.inner_blocks.0.0.weight"] == 1.0
+    assert scale_of["detector.roi_heads.box_head.fc6.weight"] == 1.0
+    body = [scale for name, scale in scale_of.items() if name.startswith("detector.backbone.body.")]
+    assert min(body) < max(body) <= 1.0
+
+
+def fake_predictions(targets: list[dict], num_classes: int, rng: np.random.Generator) -> list[dict]:
+    """Noisy copies of the ground truth (shifted boxes, eroded or grown masks, some wrong labels) plus
+    random false positives, with random scores."""
+    predictions = []
+    for target in targets:
+        boxes = target["boxes"].as_subclass(torch.Tensor).clone()
+        masks = target["masks"].as_subclass(torch.Tensor).bool().clone()
+        labels = target["labels"].clone()
+        height, width = masks.shape[-2:]
+        boxes += torch.from_numpy(rng.normal(0, 2.0, boxes.shape)).float()
+        masks = torch.roll(masks, shifts=int(rng.integers(-2, 3)), dims=-1)
+        flip = torch.from_numpy(rng.random(len(labels)) < 0.2)
+        labels[flip] = (labels[flip] + 1) % num_classes
+        extra = int(rng.integers(0, 3))
+        corners = torch.from_numpy(rng.uniform(0, width - 12, (extra, 2))).float()
+        extra_boxes = torch.cat([corners, corners + 10], dim=1)
+        extra_masks = torch.zeros(extra, height, width, dtype=torch.bool)
+        for i, (x, y) in enumerate(corners.long().tolist()):
+            extra_masks[i, y : y + 10, x : x + 10] = True
+        predictions.append({
+            "boxes": torch.cat([boxes, extra_boxes]).clamp(0, width),
+            "labels": torch.cat([labels, torch.from_numpy(rng.integers(0, num_classes, extra))]),
+            "scores": torch.from_numpy(rng.uniform(0.05, 1.0, len(labels) + extra)).float(),
+            "masks": torch.cat([masks, extra_masks]),
+            "image_id": target["image_id"],
+        })
+    return predictions
+
+
+def test_metrics_match_pycocotools_on_the_written_results(shapes_root: Path, tmp_path: Path) -> None:
+    """The task's torchmetrics AP equals COCOeval run directly on the results JSON the writer produces."""
+    dm = COCODataModule(str(shapes_root), num_workers=0, batch_size=2)
+    dm.setup("validate")
+    task = DetectionTask(num_classes=dm.num_classes, backbone_kwargs=TINY_BACKBONE, **TINY_HEADS)
+    writer = DetectionPredictionWriter(output_dir=str(tmp_path), score_threshold=0.5)
+    trainer = SimpleNamespace(datamodule=dm, world_size=1, global_rank=0)
+    rng = np.random.default_rng(0)
+    for batch_idx, (images, targets) in enumerate(dm.val_dataloader()):
+        predictions = fake_predictions(targets, dm.num_classes, rng)
+        task.forward = lambda _images, predictions=predictions: predictions
+        task.validation_step((images, targets), batch_idx)
+        writer.write_on_batch_end(trainer, task, predictions, None, (images, targets), batch_idx, 0)
+    writer.on_predict_epoch_end(trainer, task)
+    ours = task.val_map.compute()
+
+    gt = COCO(str(dm.annotation_file("val2017")))
+    detections = gt.loadRes(str(tmp_path / "results.json"))
+    keys = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
+    for iou_type, prefix in (("bbox", "bbox_"), ("segm", "segm_")):
+        evaluation = COCOeval(gt, detections, iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        for index, key in enumerate(keys):
+            assert float(ours[prefix + key]) == pytest.approx(evaluation.stats[index], abs=1e-4), (iou_type, key)
+    assert 0.05 < float(ours["bbox_map_50"]) < 1.0, "the noisy predictions give a non-trivial AP"
+    drawn = sorted((tmp_path / "images").glob("*.png"))
+    assert len(drawn) == len(dm.val_set)
+
+
+def test_predict_writes_results_json_and_drawn_images(shapes_root: Path, tmp_path: Path) -> None:
+    config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
+    out = tmp_path / "predictions"
+    writer = json.dumps([{
+        "class_path": "swinlab.tasks.detection.DetectionPredictionWriter",
+        "init_args": {"output_dir": str(out), "score_threshold": 0.0},
+    }])
+    overrides = [o for o in tiny_overrides(shapes_root, tmp_path) if not o.startswith("--trainer.callbacks")]
+    main(["predict", "--config", str(config), *overrides, f"--trainer.callbacks={writer}",
+          "--model.init_args.detector_kwargs={box_score_thresh: 0.0}"])
+    results = json.loads((out / "results.json").read_text())
+    gt = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
+    assert results, "an untrained model with score threshold 0 still proposes boxes"
+    assert {r["image_id"] for r in results} <= {i["id"] for i in gt["images"]}
+    assert {r["category_id"] for r in results} <= {c["id"] for c in gt["categories"]}
+    first = results[0]
+    assert set(first) == {"image_id", "category_id", "bbox", "score", "segmentation"}
+    assert first["segmentation"]["size"] == [SIZE, SIZE]
+    drawn = sorted((out / "images").glob("*.png"))
+    assert len(drawn) == len(gt["images"])
+    original = np.asarray(Image.open(shapes_root / "val2017" / gt["images"][0]["file_name"]).convert("RGB"))
+    annotated = np.asarray(Image.open(drawn[0]))
+    assert annotated.shape == original.shape and not np.array_equal(annotated, original)

@@ -1,0 +1,123 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from swinlab.cli import main
+from swinlab.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
+
+
+def tiny_model_args(tiny_swin: dict, **overrides) -> list[str]:
+    return [f"--model.init_args.backbone_kwargs={json.dumps({**tiny_swin, **overrides})}"]
+
+
+def fashion_args(fashion_mnist_dir: Path, tiny_swin: dict) -> list[str]:
+    data = [f"--data.init_args.data_dir={fashion_mnist_dir}", "--data.init_args.val_size=8",
+            "--data.init_args.batch_size=4"]  # fmt: skip
+    return ["--config", str(QUICKSTART), *CPU, *data, *tiny_model_args(tiny_swin, in_chans=1)]
+
+
+def read_metrics(root: Path) -> list[dict]:
+    (metrics,) = root.glob("lightning_logs/version_*/metrics.csv")
+    with open(metrics) as f:
+        return list(csv.DictReader(f))
+
+
+def test_help_lists_tasks_and_data_modules(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "swinlab.tasks.ClassificationTask" in text and "swinlab.data.FashionMNISTDataModule" in text
+    assert "swinlab.data.ImageNetDataModule" in text and "swinlab.data.ImageFolderDataModule" in text
+
+
+def test_interpolated_value_follows_command_line_override(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(QUICKSTART), "--data.init_args.image_size=48", "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["backbone_kwargs"]["img_size"] == 48
+    assert config["checkpoint"]["monitor"] == "val/top1"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "classification").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_classification_config_fits(config, tiny_swin, image_folder, fashion_mnist_dir, tmp_path):
+    args = ["fit", "--config", str(config), *CPU, "--trainer.fast_dev_run=true"]
+    args += [f"--trainer.default_root_dir={tmp_path}"]
+    if "fashion_mnist" in config.name:
+        args += [f"--data.init_args.data_dir={fashion_mnist_dir}", "--data.init_args.val_size=8",
+                 "--data.init_args.batch_size=4"]  # fmt: skip
+        args += tiny_model_args(tiny_swin, in_chans=1)
+    else:
+        args += [f"--data.init_args.data_dir={image_folder}", "--data.init_args.batch_size=4",
+                 "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false"]  # fmt: skip
+        if "finetune" in config.name:
+            # A 32x32 / window-4 checkpoint fine-tuned at 64x64 / window 8: the bias tables are interpolated.
+            checkpoint = tmp_path / "tiny_224.pth"
+            torch.save({"model": create_model("swin_t", num_classes=1000, **tiny_swin).state_dict()}, checkpoint)
+            args += ["--data.init_args.image_size=64", f"--model.init_args.pretrained={checkpoint}"]
+            args += tiny_model_args(tiny_swin, img_size=64, window_size=8)
+        else:
+            args += ["--data.init_args.image_size=32", *tiny_model_args(tiny_swin)]
+    main(args)
+
+
+def test_fit_then_test_and_predict_from_the_checkpoint_folder(tiny_swin, fashion_mnist_dir, predict_folder, tmp_path):
+    common = [*fashion_args(fashion_mnist_dir, tiny_swin), f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.enable_progress_bar=false"]  # fmt: skip
+    main(["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1"])
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0].startswith("best-epoch=") and names[1] == "last.ckpt"
+    (config,) = tmp_path.glob("lightning_logs/version_0/config.yaml")
+    assert yaml.safe_load(config.read_text())["data"]["init_args"]["data_dir"] == str(fashion_mnist_dir)
+    rows = read_metrics(tmp_path)
+    assert any(row["val/top1"] for row in rows) and any(row["train/lr"] for row in rows)
+    assert any(row["test/top1"] for row in rows)  # test_after_fit: true in the quickstart
+
+    main(["test", *common, "--ckpt_path=last"])
+    main(["predict", *common, "--ckpt_path=last", f"--data.init_args.predict_dir={predict_folder}"])
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 4 and rows[1][0] == "img_0.JPEG" and len(rows[1]) == 11
+
+
+def test_num_classes_is_linked_from_the_data_module(tiny_swin, image_folder, fashion_mnist_dir, tmp_path):
+    data = [f"--data.init_args.data_dir={image_folder}", "--data.init_args.image_size=32",
+            "--data.init_args.num_workers=0"]  # fmt: skip
+    config = ROOT / "configs" / "classification" / "swin_t_imagenet1k.yaml"
+    root = f"--trainer.default_root_dir={tmp_path}"
+    cli = main(["--config", str(config), *CPU, *data, *tiny_model_args(tiny_swin), root], run=False)
+    assert cli.model.num_classes == 3 and cli.model.backbone.head.out_features == 3
+    # A model without a num_classes argument is left alone.
+    boring = "--model=lightning.pytorch.demos.boring_classes.BoringModel"
+    fashion = ["--data=swinlab.data.FashionMNISTDataModule", f"--data.init_args.data_dir={fashion_mnist_dir}"]
+    cli = main([boring, *fashion, root], run=False)
+    assert type(cli.model).__name__ == "BoringModel"
+
+
+def test_ddp_fit_and_predict_on_two_cpu_processes(tiny_swin, fashion_mnist_dir, predict_folder, tmp_path):
+    common = [*fashion_args(fashion_mnist_dir, tiny_swin), f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    for args in (
+        ["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"],
+        ["predict", *common, "--ckpt_path=last", f"--data.init_args.predict_dir={predict_folder}"],
+    ):
+        done = subprocess.run([sys.executable, "-m", "swinlab", *args], env=env, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(tmp_path)
+    assert any(row["val/top1"] for row in rows) and any(row["test/top1"] for row in rows)
+    with open(tmp_path / "predictions.csv") as f:
+        files = [row[0] for row in list(csv.reader(f))[1:]]
+    assert files == ["img_0.JPEG", "img_1.JPEG", "more/img_0.JPEG"]  # both ranks' parts, once each
