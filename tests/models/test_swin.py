@@ -20,17 +20,25 @@ def test_any_input_size_and_feature_strides(size):
         assert f.shape == (1, c, -(-size[0] // s), -(-size[1] // s))
 
 
-def test_timm_state_dict_gives_same_logits(tmp_path):
+@pytest.fixture(scope="module")
+def timm_swin_tiny():
+    """timm's swin_tiny with random weights, and its logits on one fixed image."""
     torch.manual_seed(0)
     reference = timm.create_model("swin_tiny_patch4_window7_224").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        return reference, x, reference(x)
+
+
+def test_timm_state_dict_gives_same_logits(tmp_path, timm_swin_tiny):
+    reference, x, expected = timm_swin_tiny
     path = tmp_path / "timm.pth"
     torch.save(reference.state_dict(), path)
     model = create_model("swin_t", clip_window_to_feature=True).eval()
     result = load_pretrained(model, path)
     assert not result.missing_keys and not result.unexpected_keys
-    x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
     other_window = create_model("swin_t", window_size=12, img_size=384, num_classes=5).eval()
     load_pretrained(other_window, path)
     with torch.no_grad():
@@ -54,3 +62,238 @@ def test_unknown_model_and_bad_heads_are_clear():
         create_model("swin_xxl")
     with pytest.raises(ValueError, match="num_heads"):
         create_model("swin_t", embed_dim=10)
+
+
+# ---- attention semantics against a naive reference -------------------------------------------------------
+
+def naive_window_block(block, x: torch.Tensor, window: int) -> torch.Tensor:
+    """SwinBlock without shift, written per window with explicit loops: real tokens attend to the real
+    tokens of their window only (a window cut short by the map edge is smaller, no padding involved)."""
+    B, H, W, C = x.shape
+    attn, heads = block.attn, block.attn.num_heads
+    h = block.norm1(x)
+    out = torch.zeros_like(x)
+    table = attn.relative_position_bias_table
+    for top in range(0, H, window):
+        for left in range(0, W, window):
+            rows = range(top, min(top + window, H))
+            cols = range(left, min(left + window, W))
+            coords = torch.tensor([(r, c) for r in rows for c in cols])
+            tokens = h[:, coords[:, 0], coords[:, 1]]  # (B, n, C)
+            q, k, v = attn.qkv(tokens).view(B, -1, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+            logits = (q * (C // heads) ** -0.5) @ k.transpose(-2, -1)  # (B, heads, n, n)
+            if table is not None:
+                delta = coords[:, None] - coords[None, :] + window - 1
+                logits = logits + table[delta[..., 0] * (2 * window - 1) + delta[..., 1]].permute(2, 0, 1)
+            mixed = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, -1, C)
+            out[:, coords[:, 0], coords[:, 1]] = attn.proj(mixed)
+    x = x + out
+    return x + block.mlp(block.norm2(x))
+
+
+@pytest.mark.parametrize("size,window", [((8, 8), 4), ((10, 13), 4), ((7, 7), 8)])
+def test_plain_windows_equal_naive_reference(size, window):
+    """Covers exact window grids and padded ones (10x13 and a 7x7 map in one 8x8 window): padding never
+    changes what real tokens see."""
+    from swinlab.models.swin import SwinBlock, window_layout
+
+    torch.manual_seed(0)
+    block = SwinBlock(dim=16, num_heads=2, window_size=window, shift=False).eval()
+    x = torch.randn(2, *size, 16)
+    layout = window_layout(*size, window, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, window, layout), naive_window_block(block, x, window), atol=1e-5, rtol=1e-5)
+
+
+def test_padded_window_equals_unpadded_window_without_position_bias():
+    """position_bias='none': a 7x7 map in one 8x8 window (padded) gives what a 7x7 window gives."""
+    torch.manual_seed(0)
+    kwargs = dict(img_size=28, patch_size=4, embed_dim=16, depths=(2,), num_heads=(2,), shift=False,
+                  position_bias="none", num_classes=3)
+    exact = create_model("swin_t", window_size=7, **kwargs).eval()
+    padded = create_model("swin_t", window_size=8, **kwargs).eval()
+    padded.load_state_dict(exact.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(padded(x), exact(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(12, 12), (11, 14)])
+def test_shifted_window_token_sees_only_its_window(size):
+    """Gradient test: with the cyclic shift, output token q depends on input token p only when both fall in
+    the same window of the shifted grid AND are neighbours on the unshifted map (less than a window apart:
+    the mask separates tokens that the roll wrapped around from the far edge)."""
+    from swinlab.models.swin import SwinBlock, window_layout
+
+    torch.manual_seed(0)
+    window, shift = 4, 2
+    H, W = size
+    block = SwinBlock(dim=8, num_heads=2, window_size=window, shift=True).eval()
+    layout = window_layout(H, W, window, shift)
+    Hp, Wp = -(-H // window) * window, -(-W // window) * window
+    for qy, qx in [(0, 0), (1, 1), (H - 1, W - 1), (5, 2), (H - 1, 0)]:
+        x = torch.randn(1, H, W, 8, requires_grad=True)
+        block(x, window, layout)[0, qy, qx].sum().backward()
+        influenced = x.grad[0].abs().sum(-1) > 1e-12
+        ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        same_window = (((ys - shift) % Hp) // window == ((qy - shift) % Hp) // window) & (
+            ((xs - shift) % Wp) // window == ((qx - shift) % Wp) // window)
+        neighbours = ((ys - qy).abs() < window) & ((xs - qx).abs() < window)
+        assert torch.equal(influenced, same_window & neighbours), (qy, qx)
+
+
+# ---- shapes, sizes, position-bias variants, precision ------------------------------------------------------
+
+def test_full_swin_t_any_size_batch_one():
+    model = create_model("swin_t", num_classes=0, out_indices=(0, 1, 2, 3)).eval()
+    classifier = create_model("swin_t", num_classes=7).eval()
+    assert model.feature_strides == [4, 8, 16, 32] and model.feature_channels == [96, 192, 384, 768]
+    for size in [(224, 224), (256, 320), (97, 131)]:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            feats = model(x)
+            logits = classifier(x)
+        for f, c, s in zip(feats, model.feature_channels, model.feature_strides):
+            assert f.shape == (1, c, -(-size[0] // s), -(-size[1] // s)), size
+            assert torch.isfinite(f).all()
+        assert logits.shape == (1, 7) and torch.isfinite(logits).all()
+
+
+def test_swin_t_flops_round_to_paper():
+    from swinlab.models.flops import count_macs
+
+    assert round(count_macs(create_model("swin_t"), (3, 224, 224)) / 1e9, 1) == 4.5
+
+
+@pytest.mark.parametrize("position_bias,relative,absolute", [
+    ("relative", True, False), ("absolute", False, True), ("relative+absolute", True, True), ("none", False, False),
+])
+def test_position_bias_variants(position_bias, relative, absolute):
+    model = create_model("swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
+                         num_heads=(1, 2), num_classes=4, position_bias=position_bias)
+    names = [name for name, _ in model.named_parameters()]
+    assert any("relative_position_bias_table" in n for n in names) == relative
+    assert ("absolute_pos_embed" in names) == absolute
+    if absolute:
+        assert model.absolute_pos_embed.shape == (1, 16, 16, 16)
+    logits = model(torch.randn(2, 1, 3, 32, 32).squeeze(1))
+    logits.sum().backward()
+    assert logits.shape == (2, 4)
+    if absolute:
+        assert model.absolute_pos_embed.grad.abs().sum() > 0
+        assert model(torch.randn(1, 3, 40, 24)).shape == (1, 4)  # another size interpolates the embedding
+
+
+def test_shift_switch_changes_only_the_shifted_blocks():
+    shifted = create_model("swin_t", embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
+    plain = create_model("swin_t", embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, shift=False)
+    assert [b.shift_size for s in shifted.layers for b in s.blocks] == [0, 2, 0, 2]
+    assert [b.shift_size for s in plain.layers for b in s.blocks] == [0, 0, 0, 0]
+
+
+def test_small_feature_map_is_logged_once_or_clipped(caplog):
+    kwargs = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=2)
+    model = create_model("swin_t", **kwargs).eval()
+    with caplog.at_level("INFO", logger="swinlab.models.swin"), torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        model(torch.randn(1, 3, 32, 32))
+    notes = [r.getMessage() for r in caplog.records if "no larger than window" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("stage 1")
+    clipped = create_model("swin_t", clip_window_to_feature=True, **kwargs)
+    assert clipped.layers[1].effective_window(4, 4) == (4, 0)
+    assert clipped.layers[1].effective_window(3, 5) == (3, 0)
+    assert model.layers[1].effective_window(4, 4) == (4, 2)
+
+
+def test_layouts_are_cached_per_size():
+    model = create_model("swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
+                         num_heads=(1, 2), num_classes=2).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        first = dict(model.layers[0]._layouts)
+        model(torch.randn(2, 3, 32, 32))
+        assert all(model.layers[0]._layouts[k] is v for k, v in first.items())
+        model(torch.randn(1, 3, 24, 40))
+    assert len(model.layers[0]._layouts) == 2 * len(first)
+
+
+def test_bf16_autocast_close_to_fp32_and_trains():
+    torch.manual_seed(0)
+    model = create_model("swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
+                         num_heads=(2, 4), num_classes=5, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 32, 32)
+    reference = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
+    logits.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                  num_classes=3, drop_path_rate=0.0)
+    plain = create_model("swin_t", **kwargs)
+    checkpointed = create_model("swin_t", grad_checkpointing=True, **kwargs)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    plain(x).square().sum().backward()
+    checkpointed(x).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---- checkpoint layouts ---------------------------------------------------------------------------------
+
+def official_layout(timm_state: dict) -> dict:
+    """timm's swin_tiny state dict renamed to the official microsoft/Swin-Transformer layout (patch merging
+    at the END of the previous stage, head without ``.fc``, buffers kept) and wrapped in ``{"model": ...}``."""
+    import re
+
+    out = {}
+    for key, value in timm_state.items():
+        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
+        if match:
+            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
+        out[key.replace("head.fc.", "head.")] = value
+    return {"model": out, "epoch": 299, "config": "swin_tiny_patch4_window7_224"}
+
+
+def test_official_checkpoint_layout_gives_same_logits(tmp_path, timm_swin_tiny):
+    reference, x, expected = timm_swin_tiny
+    checkpoint = official_layout(reference.state_dict())
+    assert "layers.0.downsample.reduction.weight" in checkpoint["model"]
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save(checkpoint, path)
+    model = create_model("swin_t", clip_window_to_feature=True).eval()
+    result = load_pretrained(model, path)
+    assert not result.missing_keys and not result.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+    # a detection backbone (features only) takes the same file, skipping the classifier's norm and head
+    features = create_model("swin_t", num_classes=0, out_indices=(0, 1, 2, 3))
+    result = load_pretrained(features, path)
+    assert "head.weight" in result.skipped_keys and not result.unexpected_keys
+
+
+def test_safetensors_and_crafted_pickle(tmp_path):
+    from safetensors.torch import save_file
+
+    small = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, img_size=32, num_classes=3)
+    source = create_model("swin_t", **small)
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    target = create_model("swin_t", **small)
+    load_pretrained(target, tmp_path / "w.safetensors")
+    for (name, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": RunsCode()}, evil)
+    with pytest.raises(ValueError, match="evil.pth.*never unpickles"):
+        load_pretrained(target, evil)
