@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,15 +14,9 @@ from swinlab.data.coco import COCODataModule
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_shapes_coco", REPO / "scripts" / "make_shapes_coco.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-def test_writes_coco_layout_with_matching_masks(tmp_path: Path) -> None:
-    _script().main(["--out", str(tmp_path), "--num-train", "4", "--num-val", "3", "--size", "64",
+def test_writes_coco_layout_with_matching_masks(load_script, tmp_path: Path) -> None:
+    load_script("make_shapes_coco").main(["--out", str(tmp_path), "--num-train", "4", "--num-val", "3", "--size", "64",
                     "--min-radius", "6", "--max-radius", "14", "--seed", "1"])
     train = json.loads((tmp_path / "annotations" / "instances_train2017.json").read_text())
     val = json.loads((tmp_path / "annotations" / "instances_val2017.json").read_text())
@@ -49,15 +42,15 @@ def test_writes_coco_layout_with_matching_masks(tmp_path: Path) -> None:
         assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all() and (boxes <= 64).all()
 
 
-def test_default_output_is_where_the_quickstart_reads() -> None:
+def test_default_output_is_where_the_quickstart_reads(load_script) -> None:
     config = yaml.safe_load((REPO / "configs" / "detection" / "quickstart_shapes.yaml").read_text())
-    script = _script()
+    script = load_script("make_shapes_coco")
     written = []
     script.write_split = lambda out, *args, **kwargs: written.append(out) or 1
     script.main([])
     assert written and all(str(out) == config["data"]["init_args"]["root"] for out in written)
 
 
-def test_rejects_shapes_larger_than_the_image(tmp_path: Path) -> None:
+def test_rejects_shapes_larger_than_the_image(load_script, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
-        _script().main(["--out", str(tmp_path), "--size", "32", "--max-radius", "20"])
+        load_script("make_shapes_coco").main(["--out", str(tmp_path), "--size", "32", "--max-radius", "20"])

@@ -1,4 +1,3 @@
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,9 @@ from swinlab.data.ade20k import ADE20KDataModule
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_shapes_segmentation", REPO / "scripts" / "make_shapes_segmentation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-def test_writes_ade20k_layout_that_the_quickstart_reads(tmp_path: Path) -> None:
-    script = _script()
+def test_writes_ade20k_layout_that_the_quickstart_reads(load_script, tmp_path: Path) -> None:
+    script = load_script("make_shapes_segmentation")
     script.main(["--out", str(tmp_path), "--num-train", "3", "--num-val", "2", "--size", "48", "--seed", "1"])
     for split, count in (("training", 3), ("validation", 2)):
         images = sorted((tmp_path / "images" / split).glob("*.jpg"))
@@ -42,8 +35,8 @@ def test_writes_ade20k_layout_that_the_quickstart_reads(tmp_path: Path) -> None:
     assert set(mask.unique().tolist()) <= {0, 1, 2, 3, 255} and (mask == 255).any()  # outlines are ignored
 
 
-def test_same_seed_same_data(tmp_path: Path) -> None:
-    script = _script()
+def test_same_seed_same_data(load_script, tmp_path: Path) -> None:
+    script = load_script("make_shapes_segmentation")
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
     image_a, labels_a = script.make_sample(rng_a, 40)
     image_b, labels_b = script.make_sample(rng_b, 40)
