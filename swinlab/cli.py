@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from argparse import RawDescriptionHelpFormatter
+from datetime import timedelta
 from typing import Any
 
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
@@ -12,9 +13,18 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 import swinlab.data
 import swinlab.tasks
+from swinlab.callbacks import NonFiniteLossGuard, PreemptionCheckpoint, ResumePosition
+from swinlab.checkpointing import AtomicCheckpointIO
+from swinlab.validation import (
+    check_checkpoint_classes,
+    check_num_classes,
+    requested_num_classes,
+    validate_run_config,
+)
 
 
 def _description() -> str:
@@ -34,6 +44,10 @@ def _description() -> str:
     )
 
 
+def _as_list(value: Any) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 class _HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
     """jsonargparse's formatter that keeps the description's line breaks."""
 
@@ -44,13 +58,40 @@ class SwinLabCLI(LightningCLI):
     Every run gets a ``ModelCheckpoint`` (group ``checkpoint``) writing ``last.ckpt`` and the best checkpoint by
     ``checkpoint.monitor`` into ``<trainer.default_root_dir>/checkpoints`` unless ``checkpoint.dirpath`` is set,
     and a CSV logger unless ``trainer.logger`` names another one.
+
+    Reliability (see README "Resuming and pre-emption"): the config is checked before anything is built
+    (``swinlab.validation``); checkpoints are saved atomically and loaded with ``weights_only=True``
+    (``AtomicCheckpointIO``); ``last.ckpt`` is also refreshed every ``checkpoint_every_n_steps`` steps or
+    ``checkpoint_every_minutes`` minutes and on SIGTERM; non-finite losses skip their step (group ``non_finite``).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The link is skipped for tasks without a ``num_classes`` init argument.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
+        # No version counter: ``last.ckpt`` is overwritten (atomically), never joined by ``last-v1.ckpt``, so
+        # ``--ckpt_path last`` and the periodic saves below always mean the same file.
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch}-{step}",
+                "checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int | None,
+            default=None,
+            help="fit only: also refresh last.ckpt every N optimizer steps (mid-epoch), so a killed run loses at most "
+            "N steps; replaces checkpoint_every_minutes.",
+        )
+        parser.add_argument(
+            "--checkpoint_every_minutes",
+            type=float | None,
+            default=30.0,
+            help="fit only: also refresh last.ckpt every this many minutes of training (null: off).",
+        )
         parser.add_argument(
             "--test_after_fit",
             type=bool,
@@ -67,13 +108,62 @@ class SwinLabCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             # A fixed folder, so ``--ckpt_path last`` in a later run finds ``last.ckpt``.
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        validate_run_config(config, self.subcommand)
+        self._requested_num_classes = requested_num_classes(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._subcommand_config()
         if config.trainer.logger in (None, True):
             root = config.trainer.default_root_dir or os.getcwd()
             kwargs.setdefault("logger", CSVLogger(save_dir=root))
-        return super().instantiate_trainer(**kwargs)
+        trainer_init = self._get(self.config_init, "trainer", default={})
+        plugins = _as_list(kwargs.get("plugins", trainer_init.get("plugins")))
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        resume_checkpoints = self._resume_checkpoint()
+        extra = [ResumePosition(), PreemptionCheckpoint(), *resume_checkpoints]
+        kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", trainer_init.get("callbacks"))), *extra]
+        trainer = super().instantiate_trainer(**kwargs)
+        # ``trainer.checkpoint_callback`` (what ``best`` and ``test_after_fit`` use) is the first ModelCheckpoint:
+        # keep the monitored one from the ``checkpoint`` group ahead of the periodic last-only one.
+        others = [callback for callback in trainer.callbacks if callback not in resume_checkpoints]
+        trainer.callbacks = others + resume_checkpoints
+        return trainer
+
+    def _resume_checkpoint(self) -> list[ModelCheckpoint]:
+        """A second ``ModelCheckpoint`` that only refreshes ``last.ckpt`` in the same folder, every N steps or minutes."""
+        config = self._subcommand_config()
+        steps, minutes = config.checkpoint_every_n_steps, config.checkpoint_every_minutes
+        if self.subcommand not in (None, "fit") or (steps is None and minutes is None):
+            return []
+        for name, value in (("checkpoint_every_n_steps", steps), ("checkpoint_every_minutes", minutes)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be > 0 or null (off)")
+        interval = {"every_n_train_steps": steps} if steps else {"train_time_interval": timedelta(minutes=minutes)}
+        return [
+            ModelCheckpoint(
+                dirpath=config.checkpoint.dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **interval
+            )
+        ]
+
+    def _check_before_run(self) -> None:
+        # The checkpoint first: LightningCLI copies its hyper-parameters (num_classes too) into the config.
+        ckpt_path = self._subcommand_config().get("ckpt_path")
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            check_checkpoint_classes(ckpt_path, self.datamodule)
+        check_num_classes(self.model, self.datamodule, self._requested_num_classes)
+
+    def before_fit(self) -> None:
+        self._check_before_run()
+
+    def before_validate(self) -> None:
+        self._check_before_run()
+
+    def before_test(self) -> None:
+        self._check_before_run()
+
+    def before_predict(self) -> None:
+        self._check_before_run()
 
     def after_fit(self) -> None:
         if not self._subcommand_config().test_after_fit:

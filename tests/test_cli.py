@@ -75,7 +75,10 @@ def test_every_classification_config_fits(config, tiny_swin, image_folder, fashi
 def test_fit_then_test_and_predict_from_the_checkpoint_folder(tiny_swin, fashion_mnist_dir, predict_folder, tmp_path):
     common = [*fashion_args(fashion_mnist_dir, tiny_swin), f"--trainer.default_root_dir={tmp_path}",
               "--trainer.enable_progress_bar=false"]  # fmt: skip
-    main(["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1"])
+    cli = main(["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1"])
+    # test_after_fit and ``--ckpt_path best`` use the monitored checkpoint, not the periodic last-only one
+    assert cli.trainer.checkpoint_callback.monitor == "val/top1"
+    assert cli.trainer.checkpoint_callback.best_model_path.endswith(".ckpt")
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert len(names) == 2 and names[0].startswith("best-epoch=") and names[1] == "last.ckpt"
     (config,) = tmp_path.glob("lightning_logs/version_0/config.yaml")

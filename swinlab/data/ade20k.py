@@ -13,6 +13,7 @@ and ``annotation`` (label map, 0 = other), as in the folder layout.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,9 +23,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
 
+from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image, to_rgb
+from swinlab.data.resumable import ResumableDataLoader
 from swinlab.data.segmentation_transforms import SegmentationEvalTransform, SegmentationTrainTransform
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -62,17 +66,28 @@ def reduce_zero_label(mask: torch.Tensor) -> torch.Tensor:
 def _label_map_tensor(label_image: Image.Image, name: str) -> torch.Tensor:
     # PIL, not torchvision: palette ("P") PNGs must give the palette indices, not colours.
     if label_image.mode not in ("L", "P", "I;16", "I"):
-        raise ValueError(f"{name}: a label map must be a single-channel PNG (mode L or P), got mode {label_image.mode}")
-    array = np.asarray(label_image)
+        raise BadSampleError(f"{name}: a label map must be a single-channel PNG (mode L or P), got mode {label_image.mode}")
+    try:
+        array = np.asarray(label_image)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise BadSampleError(f"{name}: unreadable label map ({type(err).__name__}: {err})") from err
     if array.max(initial=0) > 255:
-        raise ValueError(f"{name}: label values must be <= 255, got {array.max()}")
+        raise BadSampleError(f"{name}: label values must be <= 255, got {array.max()}")
     return torch.from_numpy(array.astype(np.uint8))
 
 
-class SegmentationFolder(Dataset):
-    """``images/{split}/<stem>.jpg`` with ``annotations/{split}/<stem>.png``; items are (uint8 (3, H, W), uint8 (H, W), name)."""
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
 
-    def __init__(self, root: str | Path, split: Split) -> None:
+
+class SegmentationFolder(Dataset):
+    """``images/{split}/<stem>.jpg`` with ``annotations/{split}/<stem>.png``; items are (uint8 (3, H, W), uint8 (H, W), name).
+
+    Images without a label map are left out with a warning naming them (``on_bad_sample="skip"``) or raise.
+    """
+
+    def __init__(self, root: str | Path, split: Split, on_bad_sample: OnBadSample = "skip") -> None:
         self.root = Path(root)
         image_dir, label_dir = self.root / "images" / split, self.root / "annotations" / split
         for folder in (image_dir, label_dir):
@@ -87,17 +102,23 @@ class SegmentationFolder(Dataset):
         self.labels = [label_dir / f"{p.stem}.png" for p in self.images]
         missing = [str(p) for p in self.labels if not p.is_file()]
         if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} images in {image_dir} have no label map, e.g. {missing[0]} (expected the same stem, .png)"
-            )
+            message = f"{len(missing)} images in {image_dir} have no label map, e.g. {missing[0]} (expected the same stem, .png)"
+            if on_bad_sample == "raise" or len(missing) == len(self.labels):
+                raise FileNotFoundError(message)
+            logger.warning("%s; on_bad_sample=skip leaves them out: %s", message, ", ".join(missing))
+            kept = [(image, label) for image, label in zip(self.images, self.labels) if label.is_file()]
+            self.images, self.labels = [image for image, _ in kept], [label for _, label in kept]
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        image = decode_image(str(self.images[index]), mode=ImageReadMode.RGB)
-        with Image.open(self.labels[index]) as label_image:
-            mask = _label_map_tensor(label_image, str(self.labels[index]))
+        image = _to_tensor(open_image(self.images[index]))
+        try:
+            with Image.open(self.labels[index]) as label_image:
+                mask = _label_map_tensor(label_image, str(self.labels[index]))
+        except (OSError, SyntaxError) as err:
+            raise BadSampleError(f"{self.labels[index]}: unreadable label map ({type(err).__name__}: {err})") from err
         return image, mask, self.images[index].name
 
 
@@ -120,9 +141,16 @@ class SegmentationParquet(Dataset):
         return len(self.table)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        row = self.table[index]
-        image = torch.from_numpy(np.array(row["image"].convert("RGB"))).permute(2, 0, 1).contiguous()
-        mask = _label_map_tensor(row["annotation"], f"{self.split} parquet row {index}")
+        name = f"{self.split} parquet row {index}"
+        try:
+            row = self.table[index]  # datasets decodes the images here
+            image, annotation = row["image"], row["annotation"]
+            image.load()
+            annotation.load()
+        except (OSError, ValueError, SyntaxError) as err:
+            raise BadSampleError(f"{name}: unreadable image or label map ({type(err).__name__}: {err})") from err
+        mask = _label_map_tensor(annotation, name)
+        image = _to_tensor(to_rgb(image, name))
         return image, mask, f"{self.split}_{index:06d}"
 
 
@@ -138,42 +166,52 @@ def find_parquet_files(root: str | Path, split: Split) -> list[Path]:
 class ImageFolder(Dataset):
     """Every image directly in a folder, for prediction; items are (uint8 (3, H, W), name)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, on_bad_sample: OnBadSample = "skip") -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"predict_dir {folder} is not a folder of images")
         self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.images:
             raise FileNotFoundError(f"predict_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.guard = BadSampleGuard(on_bad_sample)
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def _read(self, index: int) -> tuple[torch.Tensor, str]:
+        return _to_tensor(open_image(self.images[index])), self.images[index].name
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return decode_image(str(self.images[index]), mode=ImageReadMode.RGB), self.images[index].name
+        return self.guard(self._read, index, len(self))
 
 
 class _Labelled(Dataset):
-    """Applies label reduction, the range check and a transform to a (image, label map, name) source."""
+    """Applies label reduction, the range check and a transform to a (image, label map, name) source; a sample
+    that fails (unreadable, sizes differ, label beyond the classes) is handled as ``on_bad_sample`` says."""
 
     def __init__(
-        self, source: Dataset, num_classes: int, reduce_zero: bool, transform: Any, train: bool, keep_raw: bool = False
-    ) -> None:
+        self, source: Dataset, num_classes: int, reduce_zero: bool, transform: Any, train: bool, keep_raw: bool = False,
+        on_bad_sample: OnBadSample = "skip",
+    ) -> None:  # fmt: skip
         self.source, self.num_classes, self.reduce_zero = source, num_classes, reduce_zero
         self.transform, self.train, self.keep_raw = transform, train, keep_raw
+        self.guard = BadSampleGuard(on_bad_sample)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.guard(self._read, index, len(self))
+
+    def _read(self, index: int) -> dict[str, Any]:
         image, mask, name = self.source[index]
         if image.shape[-2:] != mask.shape:
-            raise ValueError(f"{name}: image is {tuple(image.shape[-2:])} but its label map is {tuple(mask.shape)}")
+            raise BadSampleError(f"{name}: image is {tuple(image.shape[-2:])} but its label map is {tuple(mask.shape)}")
         if self.reduce_zero:
             mask = reduce_zero_label(mask)
         labels = mask[mask != IGNORE_INDEX]
         if labels.numel() and int(labels.max()) >= self.num_classes:
-            raise ValueError(
+            raise BadSampleError(
                 f"{name}: label {int(labels.max())} >= num_classes {self.num_classes} "
                 f"(reduce_zero_label={self.reduce_zero}); check class_names and reduce_zero_label"
             )
@@ -220,6 +258,8 @@ class ADE20KDataModule(LightningDataModule):
         crop_size, scale, ratio_range, cat_max_ratio: training augmentation (see ``SegmentationTrainTransform``).
         test_scale: evaluation resize (long, short) keeping the aspect ratio; None keeps the size.
         batch_size: training images per device; eval_batch_size: images per evaluation step.
+        on_bad_sample: ``skip`` (warn, count, use the next sample) or ``raise`` for an unreadable image or label map,
+            sizes that differ, a label beyond ``class_names``, an image without a label map.
     """
 
     def __init__(
@@ -238,8 +278,11 @@ class ADE20KDataModule(LightningDataModule):
         eval_batch_size: int = 1,
         num_workers: int = 4,
         predict_dir: str | None = None,
+        on_bad_sample: OnBadSample = "skip",
     ) -> None:
         super().__init__()
+        BadSampleGuard(on_bad_sample)  # checks the value now, before any data is read
+        self.on_bad_sample = on_bad_sample
         self.data_root = Path(data_root)
         self.class_names = list(class_names) if class_names is not None else list(ADE20K_CLASSES)
         if not self.class_names:
@@ -275,7 +318,7 @@ class ADE20KDataModule(LightningDataModule):
 
     def _split(self, split: Split) -> Dataset:
         if self._resolved_source() == "folder":
-            return SegmentationFolder(self.data_root, split)
+            return SegmentationFolder(self.data_root, split, self.on_bad_sample)
         files = find_parquet_files(self.data_root, split)
         if not files:
             prefix = "train" if split == "training" else "val"
@@ -287,7 +330,9 @@ class ADE20KDataModule(LightningDataModule):
 
     def _labelled(self, split: Split, train: bool, keep_raw: bool = False) -> Dataset:
         transform = self.train_transform if train else self.eval_transform
-        return _Labelled(self._split(split), self.num_classes, self.reduce_zero_label, transform, train, keep_raw)
+        return _Labelled(
+            self._split(split), self.num_classes, self.reduce_zero_label, transform, train, keep_raw, self.on_bad_sample
+        )
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -296,20 +341,15 @@ class ADE20KDataModule(LightningDataModule):
             self.datasets["val"] = self._labelled("validation", train=False)
         if stage == "predict":
             if self.predict_dir is not None:
-                self.datasets["predict"] = _Unlabelled(ImageFolder(self.predict_dir), self.eval_transform)
+                self.datasets["predict"] = _Unlabelled(ImageFolder(self.predict_dir, self.on_bad_sample), self.eval_transform)
             else:
                 self.datasets["predict"] = self._labelled("validation", train=False, keep_raw=True)
 
     def _loader(self, name: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=None if train else collate_as_lists,
-        )
+        kwargs = {"drop_last": train, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        if train:
+            return ResumableDataLoader(self.datasets[name], self.batch_size, **kwargs)
+        return DataLoader(self.datasets[name], batch_size=self.eval_batch_size, collate_fn=collate_as_lists, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

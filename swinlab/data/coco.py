@@ -15,16 +15,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image, to_rgb
+from swinlab.data.resumable import ResumableDataLoader
+
+logger = logging.getLogger(__name__)
 
 Sample = tuple[torch.Tensor, dict[str, Any]]
 
@@ -73,7 +78,10 @@ class CocoJsonDetection(Dataset):
 
     Polygon, uncompressed RLE and compressed RLE masks are decoded by pycocotools. Boxes with zero width or
     height are dropped. ``drop_crowd`` removes crowd regions (training; the detector cannot learn from them),
-    ``skip_empty`` leaves out images with no remaining annotation (training).
+    ``skip_empty`` leaves out images with no remaining annotation (training). Boxes are clipped to the image;
+    one that is empty after clipping (outside the image) is dropped with a warning naming the file and the
+    annotation id, counted in ``dropped_boxes``. A missing, unreadable image, or one whose size disagrees with
+    the annotation file, is handled as ``on_bad_sample`` says.
     """
 
     def __init__(
@@ -85,6 +93,7 @@ class CocoJsonDetection(Dataset):
         drop_crowd: bool = False,
         skip_empty: bool = False,
         transforms: v2.Transform | None = None,
+        on_bad_sample: OnBadSample = "skip",
     ) -> None:
         from pycocotools.coco import COCO
 
@@ -100,6 +109,9 @@ class CocoJsonDetection(Dataset):
         self.masks = masks
         self.drop_crowd = drop_crowd
         self.transforms = transforms
+        self.guard = BadSampleGuard(on_bad_sample)
+        self.dropped_boxes = 0
+        self._warned_images: set[int] = set()
         for ann in self.coco.dataset.get("annotations", []):
             if ann["category_id"] not in self.label_of_category:
                 raise ValueError(
@@ -125,18 +137,35 @@ class CocoJsonDetection(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> Sample:
+        return self.guard(self._read, index, len(self))
+
+    def _read(self, index: int) -> Sample:
         image_id = self.image_ids[index]
         info = self.coco.loadImgs(image_id)[0]
         path = self.image_dir / info["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} (id {image_id} in {self.annotation_file}) not found")
-        image = Image.open(path).convert("RGB")
+        image = open_image(path)
         width, height = image.size
-        anns = self._annotations(image_id)
-        boxes = []
-        for ann in anns:
+        if info.get("width", width) != width or info.get("height", height) != height:
+            raise BadSampleError(
+                f"{path}: the image is {width}x{height} but {self.annotation_file} (image id {image_id}) says "
+                f"{info['width']}x{info['height']}; its boxes and masks would not fit it"
+            )
+        anns, boxes, dropped = [], [], []
+        for ann in self._annotations(image_id):
             x, y, w, h = ann["bbox"]
-            boxes.append([max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)])
+            box = [max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)]
+            if _valid_box(*box):
+                anns.append(ann)
+                boxes.append(box)
+            else:
+                dropped.append(ann.get("id"))
+        if dropped and image_id not in self._warned_images:
+            self._warned_images.add(image_id)
+            self.dropped_boxes += len(dropped)
+            logger.warning(
+                "%s: dropped %d boxes that lie outside the %dx%d image (annotation ids %s in %s; %d dropped so far)",
+                path, len(dropped), width, height, dropped, self.annotation_file, self.dropped_boxes,
+            )
         masks = None
         if self.masks:
             masks = np.zeros((len(anns), height, width), dtype=np.uint8)
@@ -160,7 +189,8 @@ class HFDetection(Dataset):
     """One split of a Hugging Face ``datasets`` detection set: columns ``image`` and ``objects`` (a dict of lists
     with ``bbox`` and ``category``, optionally ``area`` and ``iscrowd``), optionally ``image_id``.
 
-    ``category`` is already a contiguous index (a ``ClassLabel`` in the usual layout). Boxes only.
+    ``category`` is already a contiguous index (a ``ClassLabel`` in the usual layout). Boxes only. Boxes are
+    clipped to the image (dropped when empty then); an unreadable image is handled as ``on_bad_sample`` says.
     """
 
     def __init__(
@@ -171,6 +201,7 @@ class HFDetection(Dataset):
         skip_empty: bool = False,
         transforms: v2.Transform | None = None,
         source: str = "dataset",
+        on_bad_sample: OnBadSample = "skip",
     ) -> None:
         missing = {"image", "objects"} - set(dataset.column_names)
         if missing:
@@ -184,6 +215,8 @@ class HFDetection(Dataset):
         self.bbox_format = bbox_format
         self.drop_crowd = drop_crowd
         self.transforms = transforms
+        self.source = source
+        self.guard = BadSampleGuard(on_bad_sample)
         self.indices = list(range(len(dataset)))
         if skip_empty:
             objects = dataset["objects"]
@@ -212,15 +245,26 @@ class HFDetection(Dataset):
         return len(self.indices)
 
     def __getitem__(self, index: int) -> Sample:
-        row = self.dataset[self.indices[index]]
-        image = row["image"].convert("RGB")
+        return self.guard(self._read, index, len(self))
+
+    def _read(self, index: int) -> Sample:
+        name = f"{self.source} row {self.indices[index]}"
+        try:
+            row = self.dataset[self.indices[index]]  # datasets decodes the image here
+            image = row["image"]
+            image.load()
+        except (OSError, ValueError, SyntaxError) as err:
+            raise BadSampleError(f"{name}: unreadable image ({type(err).__name__}: {err})") from err
+        image = to_rgb(image, name)
         width, height = image.size
         objects = row["objects"]
-        keep = self._keep(objects)
-        boxes = []
-        for i in keep:
+        keep, boxes = [], []
+        for i in self._keep(objects):
             x1, y1, x2, y2 = self._xyxy(objects["bbox"][i])
-            boxes.append([max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)])
+            box = [max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)]
+            if _valid_box(*box):  # a box outside the image is empty once clipped
+                keep.append(i)
+                boxes.append(box)
         crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
         areas = objects.get("area") or [(b[2] - b[0]) * (b[3] - b[1]) for b in map(self._xyxy, objects["bbox"])]
         target = _make_target(
@@ -277,8 +321,11 @@ class COCODataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         flip_prob: float = 0.5,
+        on_bad_sample: OnBadSample = "skip",
     ) -> None:
         super().__init__()
+        BadSampleGuard(on_bad_sample)  # checks the value now, before any data is read
+        self.on_bad_sample = on_bad_sample
         if source not in ("coco", "hf"):
             raise ValueError(f"COCODataModule source must be 'coco' or 'hf', got {source!r}")
         if source == "hf" and masks:
@@ -343,11 +390,11 @@ class COCODataModule(LightningDataModule):
         if self.source == "coco":
             return CocoJsonDetection(
                 self.root / split, self.annotation_file(split), self.category_ids, masks=self.masks,
-                drop_crowd=train, skip_empty=train, transforms=transforms,
+                drop_crowd=train, skip_empty=train, transforms=transforms, on_bad_sample=self.on_bad_sample,
             )
         return HFDetection(
             _load_hf_split(self.root, split), self.hf_bbox_format, drop_crowd=train, skip_empty=train,
-            transforms=transforms, source=f"{self.root} [{split}]",
+            transforms=transforms, source=f"{self.root} [{split}]", on_bad_sample=self.on_bad_sample,
         )
 
     def setup(self, stage: str) -> None:
@@ -357,10 +404,11 @@ class COCODataModule(LightningDataModule):
             self.val_set = self._dataset(self.val_split, train=False)
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=collate_detection, persistent_workers=self.num_workers > 0, drop_last=False,
-        )
+        kwargs = {"num_workers": self.num_workers, "collate_fn": collate_detection,
+                  "persistent_workers": self.num_workers > 0, "drop_last": False}  # fmt: skip
+        if shuffle:
+            return ResumableDataLoader(dataset, batch_size, **kwargs)
+        return DataLoader(dataset, batch_size=batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)

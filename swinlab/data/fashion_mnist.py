@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from swinlab.data.bad_samples import OnBadSample
 from swinlab.data.imagenet import ClassificationDataModule, ImageFilesDataset
 from swinlab.data.transforms import fashion_mnist_transform
 
@@ -78,8 +79,9 @@ class FashionMNISTDataModule(ClassificationDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         predict_dir: str | None = None,
+        on_bad_sample: OnBadSample = "skip",
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, predict_dir)
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, predict_dir, on_bad_sample)
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         self.data_dir = Path(data_dir)
@@ -125,7 +127,8 @@ class FashionMNISTDataModule(ClassificationDataModule):
         super().setup(stage)
 
     def predict_dataset(self) -> Dataset:
-        return ImageFilesDataset(self.predict_dir, partial(_grey_image_to_tensor, transform=self.eval_transform), "L")
+        to_tensor = partial(_grey_image_to_tensor, transform=self.eval_transform)
+        return ImageFilesDataset(self.predict_dir, to_tensor, "L", self.on_bad_sample)
 
 
 def _grey_image_to_tensor(image: Image.Image, transform: Callable) -> torch.Tensor:

@@ -13,19 +13,26 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image, to_rgb
+from swinlab.data.resumable import ResumableDataLoader
 from swinlab.data.transforms import classification_eval_transform, classification_train_transform
 
 
 class ImageFilesDataset(Dataset):
-    """Every image file under ``root`` (recursively, sorted) -> ``(transform(image), path relative to root)``."""
+    """Every image file under ``root`` (recursively, sorted) -> ``(transform(image), path relative to root)``.
 
-    def __init__(self, root: str | Path, transform: Callable, mode: str = "RGB") -> None:
+    A file that cannot be decoded is handled as ``on_bad_sample`` says (``skip``: the next file's prediction
+    takes its place, with a warning naming it).
+    """
+
+    def __init__(
+        self, root: str | Path, transform: Callable, mode: str = "RGB", on_bad_sample: OnBadSample = "skip"
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"predict_dir {self.root} is not a folder; pass a folder of image files")
@@ -36,20 +43,36 @@ class ImageFilesDataset(Dataset):
             )
         self.transform = transform
         self.mode = mode
+        self.guard = BadSampleGuard(on_bad_sample)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def _read(self, index: int) -> tuple[torch.Tensor, str]:
         path = self.files[index]
-        with Image.open(path) as image:
-            return self.transform(image.convert(self.mode)), path.relative_to(self.root).as_posix()
+        return self.transform(open_image(path).convert(self.mode)), path.relative_to(self.root).as_posix()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        return self.guard(self._read, index, len(self))
+
+
+class SafeImageFolder(ImageFolder):
+    """torchvision ``ImageFolder`` that decodes with ``open_image`` (any mode -> RGB) and applies ``on_bad_sample``."""
+
+    def __init__(self, root: str, transform: Callable, on_bad_sample: OnBadSample = "skip") -> None:
+        super().__init__(root, transform=transform, loader=open_image)
+        self.guard = BadSampleGuard(on_bad_sample)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.guard(super().__getitem__, index, len(self))
 
 
 class ClassificationDataModule(LightningDataModule):
     """Loaders shared by the classification DataModules; subclasses set ``class_names`` and build the datasets.
 
     Training batches drop the last incomplete batch (Mixup/CutMix pairs samples, and the official recipe does it).
+    ``on_bad_sample`` (``skip`` or ``raise``) says what happens to an image that cannot be read (see
+    ``swinlab.data.bad_samples``).
     """
 
     class_names: list[str]
@@ -61,8 +84,11 @@ class ClassificationDataModule(LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         predict_dir: str | None = None,
+        on_bad_sample: OnBadSample = "skip",
     ) -> None:
         super().__init__()
+        BadSampleGuard(on_bad_sample)  # checks the value now, before any data is read
+        self.on_bad_sample = on_bad_sample
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -92,15 +118,11 @@ class ClassificationDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, split: str, train: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} set; setup() did not build one")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
+        kwargs = {"drop_last": train, "num_workers": self.num_workers, "pin_memory": self.pin_memory,
+                  "persistent_workers": self.persistent_workers}  # fmt: skip
+        if train:
+            return ResumableDataLoader(dataset, self.batch_size, **kwargs)
+        return DataLoader(dataset, batch_size=self.batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, "train", train=True)
@@ -141,8 +163,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         predict_dir: str | None = None,
+        on_bad_sample: OnBadSample = "skip",
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, predict_dir)
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers, predict_dir, on_bad_sample)
         self.data_dir = Path(data_dir)
         self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
         self.train_transform = classification_train_transform(
@@ -169,7 +192,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         root = self.data_dir / self.split_dirs[split]
         if not root.is_dir():
             raise FileNotFoundError(f"{split} folder {root} does not exist (layout: {root}/<class>/<image files>)")
-        dataset = ImageFolder(str(root), transform=transform)
+        dataset = SafeImageFolder(str(root), transform, self.on_bad_sample)
         if dataset.classes != self.class_names:
             raise ValueError(
                 f"{root} has classes {dataset.classes[:5]}... which differ from {self.class_names[:5]}...; "
@@ -191,22 +214,36 @@ class ImageFolderDataModule(ClassificationDataModule):
         super().setup(stage)
 
     def predict_dataset(self) -> Dataset:
-        return ImageFilesDataset(self.predict_dir, self.eval_transform)
+        return ImageFilesDataset(self.predict_dir, self.eval_transform, on_bad_sample=self.on_bad_sample)
 
 
 class HFImageDataset(Dataset):
-    """A Hugging Face ``datasets.Dataset`` with ``image`` and ``label`` columns -> ``(transform(image), label)``."""
+    """A Hugging Face ``datasets.Dataset`` with ``image`` and ``label`` columns -> ``(transform(image), label)``.
 
-    def __init__(self, dataset: Any, transform: Callable) -> None:
+    A row whose image bytes cannot be decoded is handled as ``on_bad_sample`` says.
+    """
+
+    def __init__(self, dataset: Any, transform: Callable, on_bad_sample: OnBadSample = "skip", source: str = "") -> None:
         self.dataset = dataset
         self.transform = transform
+        self.guard = BadSampleGuard(on_bad_sample)
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _read(self, index: int) -> tuple[torch.Tensor, int]:
+        name = f"{self.source} row {index}"
+        try:
+            row = self.dataset[index]  # datasets decodes the image here
+            image = row["image"]
+            image.load()
+        except (OSError, ValueError, SyntaxError) as err:
+            raise BadSampleError(f"{name}: unreadable image ({type(err).__name__}: {err})") from err
+        return self.transform(to_rgb(image, name)), int(row["label"])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = self.dataset[index]
-        return self.transform(row["image"].convert("RGB")), int(row["label"])
+        return self.guard(self._read, index, len(self))
 
 
 class ImageNetDataModule(ImageFolderDataModule):
@@ -247,6 +284,7 @@ class ImageNetDataModule(ImageFolderDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         predict_dir: str | None = None,
+        on_bad_sample: OnBadSample = "skip",
     ) -> None:
         root = Path(data_dir)
         if source == "auto":
@@ -260,7 +298,7 @@ class ImageNetDataModule(ImageFolderDataModule):
         self.hf_cache_dir = hf_cache_dir
         super().__init__(
             data_dir, train_dir, val_dir, test_dir, image_size, crop_pct, interpolation, auto_augment, re_prob,
-            color_jitter, mean, std, batch_size, num_workers, pin_memory, persistent_workers, predict_dir,
+            color_jitter, mean, std, batch_size, num_workers, pin_memory, persistent_workers, predict_dir, on_bad_sample,
         )  # fmt: skip
 
     def _read_class_names(self) -> list[str]:
@@ -320,4 +358,4 @@ class ImageNetDataModule(ImageFolderDataModule):
         else:
             files = {name: self._parquet_files(name)}
             dataset = datasets.load_dataset("parquet", data_files=files, split=name, cache_dir=self.hf_cache_dir)
-        return HFImageDataset(dataset, transform)
+        return HFImageDataset(dataset, transform, self.on_bad_sample, source=f"{self.data_dir} [{name}]")

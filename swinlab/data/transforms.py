@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image
+from timm.data import auto_augment as timm_auto_augment
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import v2
@@ -32,7 +34,7 @@ def classification_train_transform(
     Random resized crop, flip, RandAugment (timm ignores ``color_jitter`` when ``auto_augment`` is set, as the
     official code does), random erasing in pixel mode.
     """
-    return create_transform(
+    transform = create_transform(
         image_size,
         is_training=True,
         auto_augment=auto_augment,
@@ -44,6 +46,22 @@ def classification_train_transform(
         mean=tuple(mean),
         std=tuple(std),
     )
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):  # RandAugment / AutoAugment ops
+            if op.aug_fn is timm_auto_augment.posterize:
+                op.aug_fn = _posterize_keeping_zero_bits
+    return transform
+
+
+def _posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, where keeping 0 bits gives a black image as Pillow < 13 did.
+
+    RandAugment's increasing posterize asks for 0 bits at magnitude 10, which ``rand-m9-mstd0.5`` reaches now and
+    then; Pillow 13 raises on it ("bits must be between or equal to 1 and 8") and would end a run hours in.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return timm_auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def classification_eval_transform(

@@ -11,6 +11,7 @@ out, so a real token only ever attends to real tokens of its own (shifted) windo
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -81,10 +82,12 @@ def window_layout(H: int, W: int, window: int, shift: int, device: torch.device 
     regions = window_partition(region[None, :, :, None], window).reshape(-1, window * window)
     padding = slots < 0
     flat = slots.reshape(-1)
-    scatter = torch.empty(H * W, dtype=torch.long)
-    scatter[flat[flat >= 0]] = torch.arange(flat.numel())[flat >= 0]
+    # Padding slots write to a spare last entry, dropped after: no data-dependent shapes, so torch.compile
+    # traces this without a graph break.
+    scatter = torch.empty(H * W + 1, dtype=torch.long)
+    scatter = scatter.scatter_(0, flat.masked_fill(padding.reshape(-1), H * W), torch.arange(flat.numel()))[:H * W]
     mask = None
-    if shift > 0 or padding.any():
+    if shift > 0 or (Hp, Wp) != (H, W):
         masked = (regions[:, :, None] != regions[:, None, :]) | padding[:, None, :]
         mask = torch.zeros(masked.shape).masked_fill(masked, MASK_VALUE).to(device)
     return WindowLayout(flat.clamp(min=0).to(device), scatter.to(device), mask)
@@ -114,7 +117,8 @@ class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with an optional relative position bias.
 
     Input (B * nW, N, C) with N = window^2; ``mask`` (nW, N, N) additive or None. Bias and mask are
-    summed into one additive mask for ``scaled_dot_product_attention``.
+    summed into one additive mask for ``scaled_dot_product_attention``, except when training on CPU, where
+    explicit matmul + softmax measured faster than SDPA's fallback for a mask that needs a gradient.
     """
 
     def __init__(
@@ -143,6 +147,9 @@ class WindowAttention(nn.Module):
         else:
             self.relative_position_bias_table = None
         self._index_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        # The last additive mask handed to SDPA, reused while the bias needs no gradient (inference): one entry,
+        # so a changing batch size does not pile up masks.
+        self._mask_cache: tuple[tuple, torch.Tensor | None] | None = None
 
     def relative_bias(self, window: int) -> torch.Tensor | None:
         """(heads, N, N) bias for an effective window (the table's own, or a smaller clipped one)."""
@@ -153,30 +160,66 @@ class WindowAttention(nn.Module):
         else:
             key = (window, self.relative_position_bias_table.device)
             if key not in self._index_cache:
-                self._index_cache[key] = relative_position_index(window, self.window_size).to(key[1])
+                with torch.inference_mode(False):  # reused by training steps, see SwinStage.layout
+                    self._index_cache[key] = relative_position_index(window, self.window_size).to(key[1])
             index = self._index_cache[key]
         N = window * window
         return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
+
+    def bias_and_mask(self, window: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Relative bias plus window mask, (nW, heads, N, N), or (1, heads, N, N) without a mask; None if neither."""
+        bias = self.relative_bias(window)
+        if mask is None:
+            return None if bias is None else bias.to(dtype)[None]
+        return (mask[:, None] if bias is None else bias[None] + mask[:, None]).to(dtype)
+
+    def sdpa_mask(self, window: int, mask: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive mask for SDPA on (B * nW, heads, N, N) logits: (B * nW, heads, N, N), (1, heads, N, N) or None.
+
+        With a window mask it is repeated over the batch: SDPA's fused kernels broadcast a mask only over a
+        batch dimension of size 1, and one copy of the mask measured faster on CPU than folding the windows into
+        the head axis (which copies q, k and v). Cached while nothing needs its gradient.
+        """
+        table = self.relative_position_bias_table
+        cacheable = not torch.compiler.is_compiling() and (
+            table is None or not (table.requires_grad and torch.is_grad_enabled())
+        )
+        if cacheable:
+            # A mask made under inference_mode cannot be used where autograd records (e.g. a frozen table in
+            # training), so the mode is part of the key; the table's version changes when weights are loaded.
+            key = (window, batch, dtype, torch.is_inference_mode_enabled(), None if mask is None else mask.data_ptr(),
+                   None if table is None else (table.data_ptr(), table._version))  # fmt: skip
+            if self._mask_cache is not None and self._mask_cache[0] == key:
+                return self._mask_cache[1]
+        attn_mask = self.bias_and_mask(window, mask, dtype)
+        if attn_mask is not None and attn_mask.shape[0] > 1:
+            nW, heads, N = attn_mask.shape[:3]
+            attn_mask = attn_mask.expand(batch, nW, heads, N, N).reshape(batch * nW, heads, N, N)
+        if cacheable:
+            self._mask_cache = (key, attn_mask)
+        return attn_mask
 
     def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         BnW, N, C = x.shape
         heads, dropout = self.num_heads, self.attn_drop if self.training else 0.0
         qkv = self.qkv(x).view(BnW, N, 3, heads, C // heads)
-        bias = self.relative_bias(window)  # (heads, N, N) or None
-        if mask is None:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, head_dim)
-            attn_mask = None if bias is None else bias.to(q.dtype)[None]
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, head_dim)
+        table = self.relative_position_bias_table
+        needs_grad = table is not None and table.requires_grad and torch.is_grad_enabled()
+        if not torch.compiler.is_compiling() and needs_grad and self._mask_cache is not None:
+            self._mask_cache = None  # training: do not keep the last validation batch's mask in memory
+        if needs_grad and x.device.type == "cpu":
+            # Training on CPU: SDPA falls back to its math kernel when the mask needs a gradient, and that path
+            # measured ~20% slower than these explicit ops (which add the (nW, heads, N, N) mask by broadcasting).
+            bias = self.bias_and_mask(window, mask, q.dtype)
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+            attn = (attn.view(-1, bias.shape[0], heads, N, N) + bias).view(BnW, heads, N, N).softmax(dim=-1)
+            if dropout:
+                attn = F.dropout(attn, dropout)
+            x = attn @ v
         else:
-            # Windows fold into the head axis, (B, nW * heads, N, head_dim), so the (nW, heads) mask
-            # broadcasts over the batch without being copied B times and SDPA keeps its fused CPU/GPU kernels.
-            nW = mask.shape[0]
-            q, k, v = qkv.view(BnW // nW, nW, N, 3, heads, -1).permute(3, 0, 1, 4, 2, 5).reshape(
-                3, BnW // nW, nW * heads, N, -1).unbind(0)
-            attn_mask = mask[:, None] if bias is None else bias[None] + mask[:, None]
-            attn_mask = attn_mask.to(q.dtype).expand(nW, heads, N, N).reshape(1, nW * heads, N, N)
+            attn_mask = self.sdpa_mask(window, mask, BnW // (1 if mask is None else mask.shape[0]), q.dtype)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-            x = x.view(BnW, heads, N, -1)
         x = x.transpose(1, 2).reshape(BnW, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -299,7 +342,10 @@ class SwinStage(nn.Module):
             return window_layout(H, W, window, shift, device)
         key = (H, W, window, shift, device)
         if key not in self._layouts:
-            self._layouts[key] = window_layout(H, W, window, shift, device)
+            # Normal tensors even when the first call runs under inference_mode (e.g. Lightning's sanity check):
+            # inference tensors could not be saved for backward by the training steps that reuse them.
+            with torch.inference_mode(False):
+                self._layouts[key] = window_layout(H, W, window, shift, device)
         return self._layouts[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,7 +392,7 @@ class SwinTransformer(nn.Module):
         drop_path_rate: float = 0.1,
         clip_window_to_feature: bool = False,
         out_indices: Sequence[int] | None = None,
-        grad_checkpointing: bool = False,
+        grad_checkpointing: bool | Sequence[bool] = False,
     ) -> None:
         super().__init__()
         validate_config(embed_dim, depths, num_heads, window_size, position_bias, patch_size, out_indices)
@@ -400,10 +446,20 @@ class SwinTransformer(nn.Module):
     def _feature_indices(self) -> tuple[int, ...]:
         return self.out_indices if self.out_indices is not None else tuple(range(self.num_layers))
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block's activations in the backward pass (less memory, ~30% more compute)."""
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | Sequence[bool] = True) -> None:
+        """Recompute each block's activations in the backward pass (less memory, ~30% more compute).
+
+        ``enable`` is one flag for all stages or one per stage, e.g. ``(True, True, False, False)`` to
+        checkpoint only the high-resolution stages, which hold most of the activation memory.
+        """
+        flags = [enable] * self.num_layers if isinstance(enable, bool) else [bool(flag) for flag in enable]
+        if len(flags) != self.num_layers:
+            raise ValueError(
+                f"grad_checkpointing={tuple(enable)} has {len(flags)} flags for {self.num_layers} stages; "
+                "pass one bool, or one per stage"
+            )
+        for stage, flag in zip(self.layers, flags):
+            stage.grad_checkpointing = flag
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -476,6 +532,11 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _heads_near_dim_32(dim: int) -> int:
+    """The divisor of ``dim`` that gives the head dimension closest to the paper's 32."""
+    return min((h for h in range(1, dim + 1) if dim % h == 0), key=lambda h: abs(dim / h - 32))
+
+
 def validate_config(
     embed_dim: int,
     depths: Sequence[int],
@@ -493,7 +554,8 @@ def validate_config(
         if heads <= 0 or dim % heads:
             raise ValueError(
                 f"embed_dim={embed_dim} gives {dim} channels in stage {i}, not divisible by num_heads[{i}]={heads}; "
-                f"choose num_heads that divide embed_dim * 2**i (for example embed_dim={heads * 32} with head dim 32)"
+                f"choose num_heads[{i}] dividing {dim} (for example {_heads_near_dim_32(dim)}, head dim close to 32) "
+                f"or an embed_dim that is a multiple of {heads // math.gcd(heads, 2**i)}"
             )
     if window_size < 1:
         raise ValueError(f"window_size must be >= 1, got {window_size}")

@@ -81,10 +81,13 @@ def test_labels_beyond_class_names_are_reported(ade_folder: Path) -> None:
         module.datasets["val"][0]
 
 
-def test_missing_annotation_and_missing_folder_are_named(ade_folder: Path, tmp_path_factory) -> None:
+def test_missing_annotation_and_missing_folder_are_named(ade_folder: Path, tmp_path_factory, caplog) -> None:
     (ade_folder / "annotations" / "validation" / "ADE_validation_00000001.png").unlink()
     with pytest.raises(FileNotFoundError, match="ADE_validation_00000001.png"):
-        _module(ade_folder).setup("validate")
+        _module(ade_folder, on_bad_sample="raise").setup("validate")
+    skipping = _module(ade_folder)
+    skipping.setup("validate")
+    assert len(skipping.datasets["val"]) == 1 and "ADE_validation_00000001.png" in caplog.text
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(FileNotFoundError, match="neither images"):
         _module(empty).setup("fit")

@@ -99,3 +99,16 @@ def test_predict_dir(image_folder, predict_folder):
     assert images.shape == (2, 3, 32, 32) and list(files) == ["img_0.JPEG", "img_1.JPEG"]
     with pytest.raises(ValueError, match="predict_dir"):
         ImageNetDataModule(data_dir=str(image_folder), **SMALL).setup("predict")
+
+
+def test_rand_augment_at_full_magnitude_never_crashes():
+    """The Swin recipe's RandAugment reaches magnitude 10, where posterize keeps 0 bits (Pillow 13 raises)."""
+    import numpy as np
+    from PIL import Image
+
+    from swinlab.data.transforms import classification_train_transform
+
+    transform = classification_train_transform(32, auto_augment="rand-m10-n8-inc1", re_prob=0.0)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    for _ in range(30):
+        assert transform(image).shape == (3, 32, 32)

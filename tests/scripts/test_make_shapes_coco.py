@@ -11,11 +11,13 @@ import yaml
 
 from swinlab.data.coco import COCODataModule
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 
-def test_writes_coco_layout_with_matching_masks(load_script, tmp_path: Path) -> None:
+def test_writes_coco_layout_with_matching_masks(tmp_path: Path) -> None:
     load_script("make_shapes_coco").main(["--out", str(tmp_path), "--num-train", "4", "--num-val", "3", "--size", "64",
                     "--min-radius", "6", "--max-radius", "14", "--seed", "1"])
     train = json.loads((tmp_path / "annotations" / "instances_train2017.json").read_text())
@@ -42,7 +44,7 @@ def test_writes_coco_layout_with_matching_masks(load_script, tmp_path: Path) -> 
         assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all() and (boxes <= 64).all()
 
 
-def test_default_output_is_where_the_quickstart_reads(load_script) -> None:
+def test_default_output_is_where_the_quickstart_reads() -> None:
     config = yaml.safe_load((REPO / "configs" / "detection" / "quickstart_shapes.yaml").read_text())
     script = load_script("make_shapes_coco")
     written = []
@@ -51,6 +53,6 @@ def test_default_output_is_where_the_quickstart_reads(load_script) -> None:
     assert written and all(str(out) == config["data"]["init_args"]["root"] for out in written)
 
 
-def test_rejects_shapes_larger_than_the_image(load_script, tmp_path: Path) -> None:
+def test_rejects_shapes_larger_than_the_image(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         load_script("make_shapes_coco").main(["--out", str(tmp_path), "--size", "32", "--max-radius", "20"])

@@ -6,11 +6,13 @@ from PIL import Image
 
 from swinlab.data.ade20k import ADE20KDataModule
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 
-def test_writes_ade20k_layout_that_the_quickstart_reads(load_script, tmp_path: Path) -> None:
+def test_writes_ade20k_layout_that_the_quickstart_reads(tmp_path: Path) -> None:
     script = load_script("make_shapes_segmentation")
     script.main(["--out", str(tmp_path), "--num-train", "3", "--num-val", "2", "--size", "48", "--seed", "1"])
     for split, count in (("training", 3), ("validation", 2)):
@@ -35,7 +37,7 @@ def test_writes_ade20k_layout_that_the_quickstart_reads(load_script, tmp_path: P
     assert set(mask.unique().tolist()) <= {0, 1, 2, 3, 255} and (mask == 255).any()  # outlines are ignored
 
 
-def test_same_seed_same_data(load_script, tmp_path: Path) -> None:
+def test_same_seed_same_data(tmp_path: Path) -> None:
     script = load_script("make_shapes_segmentation")
     rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
     image_a, labels_a = script.make_sample(rng_a, 40)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from conftest import load_script
 from swinlab.cli import main
 from swinlab.data.coco import COCODataModule
 from swinlab.tasks.detection import DetectionPredictionWriter, DetectionTask, SwinFPN
@@ -28,9 +28,7 @@ TINY_HEADS = {"fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 16, 
 
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = importlib.util.spec_from_file_location("make_shapes_coco", REPO / "scripts" / "make_shapes_coco.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("make_shapes_coco")
     root = tmp_path_factory.mktemp("shapes")
     script.main(["--out", str(root), "--num-train", "4", "--num-val", "3", "--size", str(SIZE),
                  "--min-radius", "6", "--max-radius", "14"])

@@ -1,4 +1,3 @@
-import importlib.util
 from functools import partial
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
+from conftest import load_script
 from swinlab.cli import main
 from swinlab.data.ade20k import ADE20KDataModule
 from swinlab.optim import WarmupLR
@@ -16,13 +16,6 @@ from swinlab.tasks.segmentation import SegmentationMetrics, SegmentationTask, la
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "segmentation").glob("*.yaml"))
 TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}
-
-
-def _shapes_script():
-    spec = importlib.util.spec_from_file_location("make_shapes_segmentation", REPO / "scripts" / "make_shapes_segmentation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_task(**kwargs) -> SegmentationTask:
@@ -117,7 +110,7 @@ def test_palette_colours_are_distinct() -> None:
 @pytest.fixture(scope="module")
 def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
-    _shapes_script().write_dataset(root, num_train=4, num_val=2, size=48, seed=0)
+    load_script("make_shapes_segmentation").write_dataset(root, num_train=4, num_val=2, size=48, seed=0)
     return root
 
 

@@ -1,0 +1,298 @@
+"""Throughput and peak memory of swinlab's Swin-T/S/B against timm and torchvision, in one process.
+
+For every (model size, device, precision, torch.compile, batch size, mode) the three implementations get the same
+random input, the same stochastic-depth rate and the same optimizer (AdamW); each is warmed up, then timed in
+alternation (one step of each per round, so a noisy neighbour slows all of them alike) and the median step time
+gives images/s. Modes: ``infer`` (forward under ``torch.inference_mode``) and ``train`` (forward, cross-entropy,
+backward, optimizer step). Peak memory is measured in one extra step per implementation after the timed ones: on
+CUDA ``torch.cuda.max_memory_allocated``, on CPU the rise of the process RSS above its level before the step
+(sampled every millisecond from /proc/self/statm, after ``malloc_trim`` hands freed heap pages back to the OS so
+that memory freed by an earlier step or implementation is not silently reused). Parameters and optimizer state
+that exist before the step are not counted on CPU; on CUDA they are.
+
+    python scripts/benchmark.py --sizes t --device cpu --batch-sizes 8 --modes infer train --json bench.json
+    python scripts/benchmark.py --sizes t s b --device cuda --precisions fp32 bf16 --compile off on \\
+        --batch-sizes 64 128 --json bench_cuda.json
+
+Prints a table with the ratios swinlab / peer (the headline) and writes every measurement to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from swinlab.models import create_model
+
+IMPLEMENTATIONS = ("swinlab", "timm", "torchvision")
+# size -> (swinlab name, timm name, torchvision builder, the paper's stochastic-depth rate)
+MODELS = {
+    "t": ("swin_t", "swin_tiny_patch4_window7_224", torchvision.models.swin_t, 0.2),
+    "s": ("swin_s", "swin_small_patch4_window7_224", torchvision.models.swin_s, 0.3),
+    "b": ("swin_b", "swin_base_patch4_window7_224", torchvision.models.swin_b, 0.5),
+}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+class Result(NamedTuple):
+    model: str
+    impl: str
+    device: str
+    precision: str
+    compiled: bool
+    batch_size: int
+    mode: str
+    images_per_s: float
+    median_step_s: float
+    step_times_s: list[float]
+    peak_memory_mb: float | None
+
+
+def build_model(impl: str, size: str, num_classes: int, image_size: int = 224) -> nn.Module:
+    """One implementation of Swin-{T,S,B}, window 7, randomly initialised (no weights are downloaded)."""
+    swinlab_name, timm_name, torchvision_builder, drop_path = MODELS[size]
+    if impl == "swinlab":
+        return create_model(swinlab_name, num_classes=num_classes, drop_path_rate=drop_path, img_size=image_size)
+    if impl == "timm":
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+                                 img_size=image_size)
+    if impl == "torchvision":
+        return torchvision_builder(weights=None, num_classes=num_classes)  # its stochastic depth is the paper's, too
+    raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(
+    model: nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None
+) -> Callable[[], None]:
+    """A closure running one inference or training step on ``images`` (B, 3, 224, 224); ``dtype`` turns on autocast."""
+    device = images.device
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    if mode == "infer":
+        model.eval()
+
+        def step() -> None:
+            with torch.inference_mode(), autocast():
+                model(images)
+
+        return step
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with autocast():
+            loss = nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def peak_rss_above_start() -> Iterator[list[int]]:
+    """Samples the RSS every millisecond while the block runs; yields a list that ends up holding the peak rise."""
+    start, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes() - start)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+        peak[0] = max(peak[0], rss_bytes() - start)
+
+
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
+    """Peak memory of one step in MiB: CUDA allocator peak, or the CPU RSS rise (None where /proc is missing)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if not Path("/proc/self/statm").exists():
+        return None
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with peak_rss_above_start() as peak:
+        step()
+    return peak[0] / 2**20
+
+
+def benchmark_config(
+    size: str, impls: list[str], device: torch.device, precision: str, compiled: bool, batch_size: int, mode: str,
+    warmup: int, repeats: int, num_classes: int, measure_memory: bool, image_size: int = 224,
+) -> list[Result]:
+    """Times every implementation on the same batch, in alternation; returns one Result per implementation."""
+    torch.manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
+    steps, memory = {}, {}
+    for impl in impls:
+        torch.manual_seed(0)
+        model = build_model(impl, size, num_classes, image_size).to(device)
+        if compiled:
+            model = torch.compile(model)
+        steps[impl] = make_step(model, mode, images, labels, PRECISIONS[precision])
+        for _ in range(warmup):
+            steps[impl]()
+        synchronize(device)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(repeats):
+        for impl in impls:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[impl]()
+            synchronize(device)
+            times[impl].append(time.perf_counter() - start)
+    for impl in impls:
+        memory[impl] = peak_memory_mb(steps[impl], device) if measure_memory else None
+    results = []
+    for impl in impls:
+        median = statistics.median(times[impl])
+        results.append(Result(
+            MODELS[size][0], impl, str(device), precision, compiled, batch_size, mode, batch_size / median, median,
+            times[impl], memory[impl],
+        ))
+    return results
+
+
+def format_table(results: list[Result]) -> str:
+    """One row per measurement; ``vs timm`` / ``vs torchvision`` are swinlab's images/s over the peer's."""
+    header = (f"{'model':8} {'impl':12} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
+              f"{'peak MiB':>9} {'vs timm':>8} {'vs tv':>7}")
+    lines = [header, "-" * len(header)]
+    key = lambda r: (r.model, r.device, r.precision, r.compiled, r.batch_size, r.mode)  # noqa: E731
+    swinlab = {key(r): r.images_per_s for r in results if r.impl == "swinlab"}
+    peers = {(key(r), r.impl): r.images_per_s for r in results}
+    for r in results:
+        ratios = ""
+        if r.impl == "swinlab":
+            ratios = " ".join(
+                f"{swinlab[key(r)] / peers[(key(r), peer)]:>{w}.2f}x" if (key(r), peer) in peers else " " * (w + 1)
+                for peer, w in (("timm", 7), ("torchvision", 6))
+            )
+        memory = f"{r.peak_memory_mb:9.0f}" if r.peak_memory_mb is not None else f"{'-':>9}"
+        lines.append(f"{r.model:8} {r.impl:12} {r.mode:6} {r.precision:5} {str(r.compiled):7} {r.batch_size:>5} "
+                     f"{r.images_per_s:9.2f} {memory} {ratios}")
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} logical cores"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", choices=tuple(MODELS), default=["t"], help="Swin-T/S/B")
+    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precisions", nargs="+", choices=tuple(PRECISIONS), default=["fp32"],
+                        help="fp32 (TF32 matmuls on CUDA unless --no-tf32) or bf16 autocast")
+    parser.add_argument("--no-tf32", action="store_true", help="strict fp32 matmuls and convolutions on CUDA")
+    parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"], help="torch.compile each model")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
+    parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation (compile happens here)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation; the median is reported")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=224, help="square input side (the comparisons use 224)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for this run (default: torch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the extra step that measures peak memory")
+    parser.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all results")
+    args = parser.parse_args(argv)
+    if args.warmup < 0 or args.repeats < 1:
+        parser.error(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    if args.image_size < 32 or args.image_size % 32:
+        parser.error(f"--image-size must be a multiple of 32 (the total stride of Swin), got {args.image_size}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+        torch.backends.cudnn.benchmark = True
+    results: list[Result] = []
+    for size in args.sizes:
+        for precision in args.precisions:
+            for compile_flag in args.compile:
+                for batch_size in args.batch_sizes:
+                    for mode in args.modes:
+                        rows = benchmark_config(
+                            size, args.impls, device, precision, compile_flag == "on", batch_size, mode,
+                            args.warmup, args.repeats, args.num_classes, not args.no_memory, args.image_size,
+                        )
+                        for row in rows:
+                            print(f"{row.model} {row.impl} {mode} {precision} compile={compile_flag} "
+                                  f"batch={batch_size}: {row.images_per_s:.2f} img/s", flush=True)
+                        results.extend(rows)
+    print(format_table(results))
+    meta = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "device": device_name(device),
+        "torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
+        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "tf32": device.type == "cuda" and not args.no_tf32,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "results": [r._asdict() for r in results]}, indent=2))
+    print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

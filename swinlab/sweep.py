@@ -1,0 +1,310 @@
+"""Grid sweeps: ``python -m swinlab sweep --config BASE.yaml --grid GRID.yaml --out DIR``.
+
+Every point of the grid (overrides x seeds) is an ordinary ``fit`` of the base config, run one after the other
+in this process, each in its own folder ``DIR/<point>/seed<k>``. A finished run leaves ``result.json`` there, so
+a restarted sweep skips it; an unfinished one is started again from scratch. After each run the sweep rewrites
+``DIR/results.csv`` and ``DIR/results.md`` (one row per run, then mean +- std over seeds per point) and
+``DIR/results.png`` (the best validation metric per point).
+
+The grid file::
+
+    seeds: [0, 1, 2]                  # seed_everything of each run (default [0])
+    grid:                             # cartesian product of these dotted config keys
+      model.init_args.backbone_kwargs.window_size: [4, 8]
+    points:                           # and/or explicit points; crossed with ``grid``
+      - {model.init_args.backbone_kwargs.shift: true}
+      - {model.init_args.backbone_kwargs.shift: false}
+
+Params, multiply-adds (``count_macs``, the paper's "FLOPs") and inference images/s are those of the task's
+``backbone`` at its ``img_size`` (blank for a task without one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import logging
+import re
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+from torch import nn
+
+from swinlab.models.flops import count_macs
+
+logger = logging.getLogger(__name__)
+
+GRID_KEYS = ("seeds", "grid", "points")
+RESULT_FILE = "result.json"
+COLUMNS = ("point", "seed", "metric", "best", "params_m", "gmacs", "images_per_s", "wall_s", "epochs")
+
+
+def load_grid(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """A grid file -> (points, seeds); each point is a dict of dotted config keys to values."""
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot read the grid file {path}: {err}") from err
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: the grid file must be a mapping with keys {GRID_KEYS}, got {type(spec).__name__}")
+    unknown = sorted(set(spec) - set(GRID_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; a grid file has only {GRID_KEYS}")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    axes = spec.get("grid") or {}
+    if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
+        raise ValueError(f"{path}: 'grid' must map dotted config keys to non-empty lists of values, got {axes!r}")
+    points = spec.get("points") or [{}]
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise ValueError(f"{path}: 'points' must be a list of mappings (dotted config key: value), got {points!r}")
+    crossed = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+    return [{**point, **cell} for point in points for cell in crossed], seeds
+
+
+def point_name(overrides: dict[str, Any]) -> str:
+    """A folder name from the overrides: ``shift=false__position_bias=none`` (last key component only)."""
+    if not overrides:
+        return "base"
+    parts = [f"{key.rsplit('.', 1)[-1]}={json.dumps(value, separators=(',', ''))}" for key, value in overrides.items()]
+    return re.sub(r"[^A-Za-z0-9=,._+-]", "", "__".join(parts))
+
+
+def point_config(base_configs: Sequence[Path], overrides: dict[str, Any], seed: int, run_dir: Path) -> Path:
+    """Merge the base configs, apply the overrides, seed and output folder; write it to ``run_dir/sweep_config.yaml``.
+
+    Interpolations such as ``${data.init_args.image_size}`` stay unresolved: the CLI resolves them.
+    """
+    config = OmegaConf.merge(*(OmegaConf.load(path) for path in base_configs))
+    for key, value in overrides.items():
+        OmegaConf.update(config, key, value, merge=True)
+    OmegaConf.update(config, "seed_everything", seed)
+    OmegaConf.update(config, "trainer.default_root_dir", str(run_dir))
+    path = run_dir / "sweep_config.yaml"
+    OmegaConf.save(config, path, resolve=False)
+    return path
+
+
+def backbone_input_size(backbone: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) a Swin-like backbone was built for, from ``img_size`` and its patch embedding; None if unknown."""
+    img_size = getattr(backbone, "img_size", None)
+    proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+    if img_size is None or not isinstance(proj, nn.Conv2d):
+        return None
+    return (proj.in_channels, *img_size)
+
+
+@torch.inference_mode()
+def images_per_second(model: nn.Module, input_size: Sequence[int], batch_size: int = 64, iters: int = 5) -> float:
+    """Forward (inference) throughput on a ``(batch_size, *input_size)`` batch, after one warm-up pass."""
+    parameter = next(model.parameters())
+    x = torch.randn(batch_size, *input_size, device=parameter.device)
+    was_training = model.training
+    model.eval()
+    try:
+        model(x)
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        return batch_size * iters / (time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+
+
+def run_point(
+    base_configs: Sequence[Path], overrides: dict[str, Any], seed: int, run_dir: Path, extra_args: Sequence[str]
+) -> dict[str, Any]:
+    """One ``fit`` of a point in ``run_dir``; returns (and writes to ``run_dir/result.json``) its row."""
+    from swinlab.cli import main  # Lightning is imported only when a run starts
+
+    if run_dir.exists():  # an earlier, unfinished attempt
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    config = point_config(base_configs, overrides, seed, run_dir)
+    start = time.perf_counter()
+    # LightningCLI warns when given args while sys.argv holds others (the sweep's own): it reads only args.
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        cli = main(["fit", "--config", str(config), *extra_args])
+    wall = time.perf_counter() - start
+    trainer = cli.trainer
+    if trainer.interrupted:  # Lightning returns from fit after a graceful stop: not a finished run
+        raise RuntimeError(f"the fit in {run_dir} was interrupted")
+    # The checkpoint that tracks the best score: the one with a monitor (others only refresh last.ckpt).
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor is not None), None)
+    metric = checkpoint.monitor if checkpoint is not None else None
+    best = checkpoint.best_model_score if checkpoint is not None else None
+    row: dict[str, Any] = {
+        "point": run_dir.parent.name, "seed": seed, "overrides": overrides, "metric": metric,
+        "best": None if best is None else float(best), "params_m": None, "gmacs": None, "images_per_s": None,
+        "wall_s": round(wall, 1), "epochs": trainer.current_epoch,
+    }  # fmt: skip
+    backbone = getattr(cli.model, "backbone", None)
+    input_size = backbone_input_size(backbone) if backbone is not None else None
+    if input_size is not None:
+        row["params_m"] = sum(p.numel() for p in backbone.parameters()) / 1e6
+        row["gmacs"] = count_macs(backbone, input_size) / 1e9
+        row["images_per_s"] = images_per_second(backbone, input_size)
+        row["input_size"] = list(input_size)
+    partial = run_dir / f"{RESULT_FILE}.partial"  # renamed into place: a killed sweep never leaves half a file
+    partial.write_text(json.dumps(row, indent=1))
+    partial.replace(run_dir / RESULT_FILE)
+    return row
+
+
+def collect(out_dir: Path) -> list[dict[str, Any]]:
+    """Every finished run's row under ``out_dir``, ordered by point then seed."""
+    rows = [json.loads(path.read_text()) for path in out_dir.glob(f"*/seed*/{RESULT_FILE}")]
+    return sorted(rows, key=lambda row: (row["point"], row["seed"]))
+
+
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    if value is None:
+        return ""
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per point: number of seeds, mean and sample std of the best metric, mean wall time, first row's model cost."""
+    summary = []
+    for point, group in itertools.groupby(rows, key=lambda row: row["point"]):
+        group = list(group)
+        values = [row["best"] for row in group if row["best"] is not None]
+        summary.append({
+            "point": point, "seeds": len(group), "metric": group[0]["metric"], "values": values,
+            "mean": statistics.mean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "params_m": group[0]["params_m"], "gmacs": group[0]["gmacs"],
+            "images_per_s": statistics.mean(r["images_per_s"] for r in group) if group[0]["images_per_s"] else None,
+            "wall_s": statistics.mean(row["wall_s"] for row in group),
+        })  # fmt: skip
+    return summary
+
+
+def write_reports(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """``results.csv`` (one row per run), ``results.md`` (runs, then mean +- std per point), ``results.png``."""
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*COLUMNS, "overrides"])
+        for row in rows:
+            writer.writerow([_fmt(row[c], ".6g") for c in COLUMNS] + [json.dumps(row["overrides"])])
+    summary = summarize(rows)
+    lines = ["## Runs", "", "| point | seed | best " + (rows[0]["metric"] or "metric") + " | params (M) | GMACs | "
+             "images/s | wall (s) | epochs | overrides |", "|---" * 9 + "|"]  # fmt: skip
+    for row in rows:
+        lines.append(
+            f"| {row['point']} | {row['seed']} | {_fmt(row['best'], '.4f')} | {_fmt(row['params_m'])} | "
+            f"{_fmt(row['gmacs'], '.4g')} | {_fmt(row['images_per_s'], '.0f')} | {_fmt(row['wall_s'], '.0f')} | {row['epochs']} | "
+            f"`{json.dumps(row['overrides'])}` |"
+        )
+    lines += ["", "## Mean +- std over seeds", "", "| point | seeds | best (mean +- std) | params (M) | GMACs | "
+              "images/s | wall (s) |", "|---" * 7 + "|"]  # fmt: skip
+    for s in summary:
+        spread = f"{s['mean']:.4f} +- {s['std']:.4f}" if s["std"] is not None else _fmt(s["mean"], ".4f")
+        lines.append(
+            f"| {s['point']} | {s['seeds']} | {spread} | {_fmt(s['params_m'])} | {_fmt(s['gmacs'], '.4g')} | "
+            f"{_fmt(s['images_per_s'], '.0f')} | {_fmt(s['wall_s'], '.0f')} |"
+        )
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    plot_summary(summary, out_dir / "results.png")
+
+
+def plot_summary(summary: list[dict[str, Any]], path: Path) -> None:
+    """Per point: each seed's best metric (grey dots) and their mean +- std (black)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [s for s in summary if s["mean"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(shown) + 1.2))
+    for y, s in enumerate(shown):
+        ax.plot(s["values"], [y] * len(s["values"]), "o", color="0.6", markersize=4)
+        ax.errorbar(s["mean"], y, xerr=s["std"] or 0.0, fmt="D", color="black", capsize=3, markersize=5)
+    ax.set_yticks(range(len(shown)), [s["point"] for s in shown], fontsize=8)
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    ax.set_xlabel(f"best {shown[0]['metric'] if shown else 'metric'}: seeds (grey), mean +- std (black)")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m swinlab sweep",
+        description="Run a grid of overrides of a fit config, one fit per point and seed; skips finished runs. "
+        "Arguments after the known ones (for example --trainer.accelerator=cpu) go to every fit.",
+    )
+    parser.add_argument("--config", type=Path, action="append", required=True, help="base fit config (repeatable)")
+    parser.add_argument("--grid", type=Path, required=True, help="grid file: seeds, grid and/or points")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/sweeps/<grid name>)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these of the grid's seeds")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after starting this many runs")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs still to do; run nothing")
+    return parser.parse_known_args(argv)
+
+
+def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[dict[str, Any], str, int]]]:
+    """Check the arguments; (output folder, the (overrides, point name, seed) runs not finished yet)."""
+    for path in args.config:
+        if not path.is_file():
+            raise FileNotFoundError(f"base config {path} not found (pass --config PATH to an existing fit config)")
+    points, seeds = load_grid(args.grid)
+    if args.seeds is not None:
+        missing = sorted(set(args.seeds) - set(seeds))
+        if missing:
+            raise ValueError(f"--seeds {missing} are not in the grid's seeds {seeds} ({args.grid})")
+        seeds = [s for s in seeds if s in args.seeds]
+    names = [point_name(p) for p in points]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{args.grid}: two points have the same overrides: {names}")
+    out_dir = args.out or Path("runs") / "sweeps" / args.grid.stem
+    todo = [(p, n, s) for s in seeds for p, n in zip(points, names) if not (out_dir / n / f"seed{s}" / RESULT_FILE).is_file()]
+    print(f"sweep {args.grid}: {len(points)} points x {len(seeds)} seeds, {len(todo)} to run, output {out_dir}")
+    return out_dir, todo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep; returns the number of runs that failed (the process exit code)."""
+    args, extra_args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out_dir, todo = plan(args)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"sweep: {err}") from err
+    if args.dry_run:
+        for _, name, seed in todo:
+            print(f"  to run: {name} seed {seed}")
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for overrides, name, seed in todo[: args.max_runs]:
+        print(f"sweep: running {name} seed {seed}", flush=True)
+        try:
+            row = run_point(args.config, overrides, seed, out_dir / name / f"seed{seed}", extra_args)
+        # A failing point must not lose the others (it is retried on the next start); SystemExit (a bad
+        # argument, or Lightning's SIGTERM) stops the sweep.
+        except Exception:
+            logger.exception("sweep point %s seed %d failed", name, seed)
+            failed += 1
+            continue
+        print(f"sweep: {name} seed {seed}: best {row['metric']} = {row['best']}, {row['wall_s']} s", flush=True)
+        rows = collect(out_dir)
+        write_reports(out_dir, rows)
+    rows = collect(out_dir)
+    if rows:
+        write_reports(out_dir, rows)
+    return failed

@@ -1,0 +1,159 @@
+"""Bad data: unusual images are converted; unreadable files, missing files, boxes outside the image and labels
+beyond the classes are skipped with a warning naming the file (counted) or raise, as ``on_bad_sample`` says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from swinlab.data import ADE20KDataModule, COCODataModule, ImageFolderDataModule
+from swinlab.data.bad_samples import BadSampleError, open_image
+
+
+def write_jpeg(path: Path, size: int = 40, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=95)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_unusual_images_become_8_bit_rgb(tmp_path):
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((4, 6), 90, dtype=np.uint8), "L").save(grey)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (6, 4), (0, 255, 255, 0)).save(cmyk)  # pure red in CMYK
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16)).save(deep)  # 16-bit greyscale PNG
+    alpha = tmp_path / "alpha.png"
+    Image.new("RGBA", (2, 2), (0, 0, 0, 0)).save(alpha)  # fully transparent
+
+    assert Image.open(deep).mode.startswith("I")
+    for path in (grey, cmyk, deep, alpha):
+        assert open_image(path).mode == "RGB", path.name
+    assert np.asarray(open_image(grey))[0, 0].tolist() == [90, 90, 90]
+    red = np.asarray(open_image(cmyk))[0, 0]
+    assert red[0] > 240 and red[1] < 15 and red[2] < 15
+    # Scaled to 8 bits, not clipped: mid-grey stays mid-grey.
+    assert np.asarray(open_image(deep))[0, :, 0].tolist() == [0, 128, 255]
+    assert np.asarray(open_image(alpha)).min() == 255, "transparent pixels are composited on white"
+
+
+def test_truncated_corrupt_and_missing_files_name_the_file(tmp_path):
+    truncated = tmp_path / "truncated.jpg"
+    write_jpeg(truncated)
+    truncate(truncated)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not an image at all")
+    for path in (truncated, corrupt, tmp_path / "missing.jpg"):
+        with pytest.raises(BadSampleError, match=path.name):
+            open_image(path)
+
+
+@pytest.fixture
+def folder_with_bad_images(tmp_path) -> Path:
+    """ImageFolder layout, 2 classes x 3 images; class a's second image is truncated, class b's a CMYK JPEG."""
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            for i in range(3):
+                write_jpeg(root / split / label / f"{i}.jpg", seed=i)
+    truncate(root / "train" / "a" / "1.jpg")
+    Image.new("CMYK", (40, 40), (0, 0, 255, 0)).save(root / "train" / "b" / "0.jpg")
+    return root
+
+
+def image_folder_module(root: Path, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(
+        str(root), image_size=32, batch_size=2, num_workers=0, pin_memory=False, auto_augment=None, **kwargs
+    )
+
+
+def test_image_folder_skips_a_truncated_file_and_keeps_training(folder_with_bad_images, caplog):
+    module = image_folder_module(folder_with_bad_images)
+    module.setup("fit")
+    train = module.train_set
+    images, labels = zip(*(train[i] for i in range(len(train))))
+    assert all(image.shape == (3, 32, 32) for image in images)
+    # Sample 1 (the truncated a/1.jpg) is replaced by the next one, a/2.jpg; the CMYK b/0.jpg is converted.
+    assert labels == (0, 0, 0, 1, 1, 1)
+    assert list(train.guard.bad_samples) == [1]
+    assert "1.jpg" in caplog.text and "truncated" in caplog.text
+    batches = list(module.train_dataloader())
+    assert len(batches) == 3 and all(batch[0].shape == (2, 3, 32, 32) for batch in batches)
+
+
+def test_image_folder_raises_on_request(folder_with_bad_images):
+    module = image_folder_module(folder_with_bad_images, on_bad_sample="raise")
+    module.setup("fit")
+    with pytest.raises(BadSampleError, match=r"a/1\.jpg.*on_bad_sample=raise"):
+        module.train_set[1]
+    with pytest.raises(ValueError, match="on_bad_sample must be 'skip' or 'raise'"):
+        image_folder_module(folder_with_bad_images, on_bad_sample="ignore")
+
+
+@pytest.fixture
+def coco_root(tmp_path) -> Path:
+    """COCO layout: image 1 fine (one box inside, one wholly outside the 32x24 image), image 2 missing on disk,
+    image 3 fine."""
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    images = []
+    for image_id in (1, 2, 3):
+        name = f"{image_id:012d}.jpg"
+        if image_id != 2:
+            (root / "val2017").mkdir(exist_ok=True)
+            Image.new("RGB", (32, 24), (10 * image_id, 0, 0)).save(root / "val2017" / name)
+        images.append({"id": image_id, "file_name": name, "width": 32, "height": 24})
+    box = {"iscrowd": 0, "category_id": 1, "area": 16.0}
+    annotations = [
+        {**box, "id": 10, "image_id": 1, "bbox": [2.0, 2.0, 4.0, 4.0]},
+        {**box, "id": 11, "image_id": 1, "bbox": [40.0, 5.0, 6.0, 6.0]},  # right of the image
+        {**box, "id": 12, "image_id": 2, "bbox": [2.0, 2.0, 4.0, 4.0]},
+        {**box, "id": 13, "image_id": 3, "bbox": [2.0, 2.0, 4.0, 4.0]},
+    ]
+    coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+    return root
+
+
+def test_coco_drops_boxes_outside_the_image_and_skips_missing_images(coco_root, caplog):
+    module = COCODataModule(str(coco_root), masks=False, num_workers=0)
+    module.setup("validate")
+    image, target = module.val_set[0]
+    assert target["boxes"].tolist() == [[2.0, 2.0, 6.0, 6.0]] and module.val_set.dropped_boxes == 1
+    assert "000000000001.jpg" in caplog.text and "[11]" in caplog.text
+    _, target = module.val_set[1]  # the missing image 2 is replaced by image 3
+    assert target["image_id"] == 3 and list(module.val_set.guard.bad_samples) == [1]
+    assert "000000000002.jpg: image file not found" in caplog.text
+
+    strict = COCODataModule(str(coco_root), masks=False, num_workers=0, on_bad_sample="raise")
+    strict.setup("validate")
+    with pytest.raises(BadSampleError, match="000000000002.jpg: image file not found"):
+        strict.val_set[1]
+
+
+def test_ade20k_skips_a_label_map_with_labels_beyond_the_classes(tmp_path, caplog):
+    root = tmp_path / "ade"
+    for split in ("training", "validation"):
+        for i in range(3):
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+            write_jpeg(root / "images" / split / f"{i}.jpg", size=16, seed=i)
+            label = np.full((16, 16), 9 if i == 0 else 1, dtype=np.uint8)  # 9 -> class 8, beyond 3 classes
+            Image.fromarray(label, "L").save(root / "annotations" / split / f"{i}.png")
+    kwargs = {"class_names": ["a", "b", "c"], "crop_size": 16, "scale": (32, 16), "test_scale": None, "num_workers": 0}
+    module = ADE20KDataModule(str(root), **kwargs)
+    module.setup("validate")
+    assert module.datasets["val"][0]["name"] == "1.jpg" and "0.jpg: label 8 >= num_classes 3" in caplog.text
+    strict = ADE20KDataModule(str(root), on_bad_sample="raise", **kwargs)
+    strict.setup("validate")
+    with pytest.raises(BadSampleError, match="0.jpg: label 8 >= num_classes 3"):
+        strict.datasets["val"][0]

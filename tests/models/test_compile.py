@@ -1,0 +1,109 @@
+"""torch.compile without graph breaks, the attention fast paths, and per-stage activation checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from swinlab.models import create_model, load_pretrained
+
+# Two stages at 36x36 with 4x4 windows: maps 18x18 and 9x9 need padding, and the odd blocks shift.
+TINY = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=5,
+            drop_path_rate=0.0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_compiles_with_fullgraph_and_matches_eager(train):
+    """fullgraph=True fails on any graph break. The aot_eager backend runs dynamo and AOTAutograd (the forward and
+    backward graphs inductor would get) without inductor's C++ build, which takes minutes on a 2-core CPU."""
+    torch.manual_seed(0)
+    model = create_model("swin_t", **TINY).train(train)
+    x = torch.randn(2, 3, 36, 36)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.set_grad_enabled(train):
+        outputs = [compiled(x), model(x)]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+    if train:
+        grads = []
+        for out in outputs:
+            model.zero_grad()
+            out.square().sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_training_path_matches_timm_gradients(tmp_path):
+    """With gradients on, CPU attention takes the explicit path; its logits and gradients equal timm's.
+
+    Both in eval mode: timm's train-mode logits differ from its own eval-mode logits by ~1e-3 on this config."""
+    torch.manual_seed(0)
+    reference = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4,
+                                  embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=5)
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    model = create_model("swin_t", clip_window_to_feature=True, **TINY).eval()
+    load_pretrained(model, tmp_path / "timm.pth")
+    reference.eval()
+    x = torch.randn(2, 3, 32, 32)
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    logits = [model(inputs[0]), reference(inputs[1])]
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-4)
+    for out in logits:
+        out.square().sum().backward()
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, atol=1e-5, rtol=1e-4)
+    ours = dict(model.named_parameters())
+    for name, param in reference.named_parameters():
+        if "relative_position_bias_table" in name:
+            torch.testing.assert_close(ours[name].grad, param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_cached_inference_mask_follows_loaded_weights_and_batch_size():
+    torch.manual_seed(0)
+    model, other = create_model("swin_t", **TINY).eval(), create_model("swin_t", **TINY).eval()
+    x = torch.randn(3, 3, 36, 36)
+    with torch.inference_mode():
+        model(x[:2])  # fills the mask caches for batch 2
+        model.load_state_dict(other.state_dict())  # new bias tables, copied in place
+        torch.testing.assert_close(model(x), other(x))
+    with torch.no_grad():  # the same weights with grad-mode tensors (the cache key includes the mode)
+        torch.testing.assert_close(model(x[:1]), other(x[:1]))
+    model.train()
+    model.requires_grad_(False)  # a frozen bias table: its cached mask must be usable by autograd
+    model.head.requires_grad_(True)
+    model(x).sum().backward()
+    assert model.head.weight.grad is not None
+
+
+@pytest.mark.parametrize("flags", [(True, False), (False, True), True])
+def test_per_stage_checkpointing_gives_same_gradients_with_stochastic_depth(flags):
+    torch.manual_seed(0)
+    kwargs = {**TINY, "drop_path_rate": 0.3}
+    plain, checkpointed = create_model("swin_t", **kwargs), create_model("swin_t", grad_checkpointing=flags, **kwargs)
+    checkpointed.load_state_dict(plain.state_dict())
+    expected = [flags] * 2 if isinstance(flags, bool) else list(flags)
+    assert [stage.grad_checkpointing for stage in checkpointed.layers] == expected
+    x = torch.randn(2, 3, 36, 36)
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # same drop-path draws; checkpointing replays the RNG state in the recompute
+        model(x).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_checkpointing_flags_must_match_stages():
+    with pytest.raises(ValueError, match="2 stages"):
+        create_model("swin_t", grad_checkpointing=(True, False, True), **TINY)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_training_after_inference_mode_reuses_layouts_and_drops_masks(clip):
+    """Layouts and clipped-window indices cached under inference_mode (Lightning's sanity check) serve training."""
+    model = create_model("swin_t", clip_window_to_feature=clip, **TINY).eval()
+    attentions = [block.attn for stage in model.layers for block in stage.blocks]
+    x = torch.randn(2, 3, 12, 12)  # the second stage's 3x3 map is smaller than the 4x4 window
+    with torch.inference_mode():
+        model(x)
+    assert all(attn._mask_cache is not None for attn in attentions)
+    model.train()(x).sum().backward()
+    assert all(attn._mask_cache is None for attn in attentions)

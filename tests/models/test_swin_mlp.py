@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from swinlab.models import create_model
+from swinlab.models.swin_mlp import SwinMLPBlock
+from swinlab.tasks import ClassificationTask
+from swinlab.tasks.detection import DetectionTask
+from swinlab.tasks.segmentation import SegmentationTask
+
+TINY = {"embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4, "patch_size": 2, "img_size": 32}
+
+
+def test_swin_mlp_t_matches_the_official_size():
+    model = create_model("swin_mlp_t")
+    assert sum(p.numel() for p in model.parameters()) == 21_152_072  # official SwinMLP-T/C12: 21.2M
+    block = model.layers[2].blocks[1]
+    assert block.spatial_mlp.weight.shape == (32 * 64, 64, 1) and block.shift_size == 4
+
+
+@pytest.mark.parametrize("size", [(32, 32), (29, 45), (6, 6)])
+def test_any_input_size_features_and_logits(size):
+    model = create_model("swin_mlp_t", **TINY, num_classes=0, out_indices=(0, 1)).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(2, 3, *size))
+    for f, c, s in zip(feats, model.feature_channels, model.feature_strides):
+        assert f.shape == (2, c, -(-size[0] // s), -(-size[1] // s))
+    classifier = create_model("swin_mlp_t", **TINY, num_classes=7)
+    assert classifier(torch.randn(1, 3, *size)).shape == (1, 7)
+    classifier.reset_classifier(3)
+    assert classifier(torch.randn(1, 3, *size)).shape == (1, 3) and classifier.num_features == 32
+
+
+def test_spatial_mlp_mixes_tokens_per_head_group():
+    block = SwinMLPBlock(dim=6, num_heads=2, window_size=2)
+    windows = torch.randn(3, 4, 6)  # (windows, tokens, channels), head groups of 3 channels
+    weight = block.spatial_mlp.weight[..., 0].view(2, 4, 4)  # (head, output token, input token)
+    groups = windows.view(3, 4, 2, 3)
+    expected = torch.einsum("hnm,bmhc->bnhc", weight, groups) + block.spatial_mlp.bias.view(2, 4).T[None, :, :, None]
+    torch.testing.assert_close(block.mix_windows(windows), expected.reshape(3, 4, 6))
+
+
+def mixing_reach(block: SwinMLPBlock, size: int = 8) -> torch.Tensor:
+    """(size, size) bool: which output tokens of the token mixing change when input token (0, 0) changes."""
+    x = torch.randn(1, size, size, block.norm1.normalized_shape[0])
+    y = x.clone()
+    y[0, 0, 0] += torch.randn(x.shape[-1])  # not a constant: LayerNorm would remove that
+    with torch.no_grad():
+        block.mlp.fc2.weight.zero_()  # keep only the spatial (window) mixing in the residual branch
+        diff = (block(y) - block(x)).abs().sum(-1)[0]
+    return diff > 1e-6
+
+
+def test_plain_windows_mix_inside_their_window_and_shifted_ones_across():
+    plain, shifted = SwinMLPBlock(8, 2, window_size=4), SwinMLPBlock(8, 2, window_size=4, shift=True)
+    reach = mixing_reach(plain)
+    assert reach[:4, :4].all() and reach.sum() == 16  # token (0, 0) reaches exactly its own 4x4 window
+    # Shift 2 = padding 2 before: token (0, 0) sits at (2, 2) of the first shifted window, which covers rows/cols 0-1.
+    reach = mixing_reach(shifted)
+    assert reach[:2, :2].all() and reach.sum() == 4
+
+
+def test_shift_switch_and_position_bias_choices():
+    shifted = create_model("swin_mlp_t", **TINY)
+    plain = create_model("swin_mlp_t", **TINY, shift=False)
+    assert [b.shift_size for s in shifted.layers for b in s.blocks] == [0, 2, 0, 2]
+    assert [b.shift_size for s in plain.layers for b in s.blocks] == [0, 0, 0, 0]
+    assert create_model("swin_mlp_t", **TINY, position_bias="absolute").absolute_pos_embed is not None
+    with pytest.raises(ValueError, match="position_bias 'none' or 'absolute'"):
+        create_model("swin_mlp_t", **TINY, position_bias="relative")
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = create_model("swin_mlp_t", **TINY, num_classes=3, drop_path_rate=0.0)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for grad, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.grad, grad)
+
+
+def test_every_task_builds_and_trains_with_swin_mlp():
+    kwargs = {key: value for key, value in TINY.items() if key != "img_size"}
+    classification = ClassificationTask(backbone="swin_mlp_t", backbone_kwargs={**TINY, "in_chans": 1}, num_classes=4)
+    classification.train_loss(classification(torch.randn(2, 1, 32, 32)), torch.tensor([0, 3])).backward()
+    assert classification.backbone.layers[0].blocks[1].spatial_mlp.weight.grad.abs().sum() > 0
+    backbone = {**kwargs, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "patch_size": 4}
+    segmentation = SegmentationTask(num_classes=3, backbone="swin_mlp_t", backbone_kwargs=backbone,
+                                    decode_channels=8, aux_channels=8).eval()  # fmt: skip
+    with torch.no_grad():
+        assert segmentation(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    detection = DetectionTask(num_classes=2, backbone="swin_mlp_t", backbone_kwargs=backbone, fpn_channels=16,
+                              box_head_dim=32, mask_head_channels=16, min_size=64, max_size=64).eval()  # fmt: skip
+    with torch.no_grad():
+        (result,) = detection([torch.rand(3, 64, 80)])
+    assert set(result) >= {"boxes", "labels", "scores"}

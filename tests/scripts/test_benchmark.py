@@ -1,0 +1,57 @@
+"""Smoke runs of the benchmark scripts: every implementation and mode runs and lands in the JSON file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_script
+
+
+@pytest.fixture
+def restore_threads():
+    """The script's --threads changes torch's global thread count; later tests in this process get it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_model_benchmark_writes_every_implementation_and_mode(tmp_path: Path, capsys, restore_threads) -> None:
+    out = tmp_path / "bench.json"
+    # One thread and 64x64 images keep it short on a shared CPU (two threads spin badly when cores are busy).
+    load_script("benchmark").main(["--sizes", "t", "--batch-sizes", "1", "--modes", "infer", "train", "--warmup", "0",
+                                   "--repeats", "1", "--image-size", "64", "--num-classes", "10", "--threads", "1",
+                                   "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = {(r["impl"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {(impl, mode) for impl in ("swinlab", "timm", "torchvision") for mode in ("infer", "train")}
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and row["peak_memory_mb"] is not None and len(row["step_times_s"]) == 1
+    assert report["meta"]["device"] and report["meta"]["torch_threads"] == 1
+    table = capsys.readouterr().out
+    assert "vs timm" in table and "swin_t   swinlab" in table
+
+
+def test_model_benchmark_rejects_bad_arguments() -> None:
+    with pytest.raises(SystemExit):
+        load_script("benchmark").main(["--repeats", "0"])
+
+
+def test_loader_benchmark_on_generated_imagenet_folder(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    # mmax9: the recipe's magnitude 10 makes timm ask Pillow 13 for posterize(bits=0), which raises (see docs/benchmarks.md).
+    result = load_script("benchmark_loader").main(["--generate", "8", "--workers", "0", "--batch-size", "2",
+                                                   "--batches", "2", "--repeats", "1", "--json", str(out),
+                                                   "--auto-augment", "rand-m9-mstd0.5-inc1-mmax9"])
+    assert json.loads(out.read_text()) == result
+    assert result["decode_images_per_s_per_worker"] > result["train_transform_images_per_s_per_worker"] > 0
+    assert result["loader_images_per_s"]["0"] > 0
+
+
+def test_loader_benchmark_names_a_folder_too_small(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--generate more"):
+        load_script("benchmark_loader").main(["--generate", "4", "--workers", "0", "--batch-size", "2",
+                                              "--batches", "4", "--repeats", "1", "--json", str(tmp_path / "x.json")])

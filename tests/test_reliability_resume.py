@@ -1,0 +1,128 @@
+"""A run killed mid-epoch (SIGKILL or SIGTERM) and resumed with ``--ckpt_path last`` ends with the same weights
+as an uninterrupted run; checkpoints are written atomically."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_SWIN, write_idx
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from swinlab.checkpointing import AtomicCheckpointIO
+from swinlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+STEPS_PER_EPOCH = 8  # 40 training images - 8 held out, batch 4
+
+
+class SignalAtStep(Callback):
+    """Test helper: sends ``signum`` to its own process at the end of optimizer step ``step``."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def run_args(fashion_mnist_dir: Path, tiny_swin: dict, root: Path) -> list[str]:
+    """A tiny run without random augmentation (stochastic depth stays on: swin_t's drop_path_rate 0.2), 2 epochs
+    of 8 steps, last.ckpt every 3 steps."""
+    backbone = {**tiny_swin, "in_chans": 1}
+    return [
+        "fit", "--config", str(QUICKSTART), "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
+        "--trainer.num_sanity_val_steps=0", "--test_after_fit=false", "--checkpoint_every_n_steps=3",
+        "--checkpoint.monitor=null",
+        f"--model.init_args.backbone_kwargs={json.dumps(backbone)}", f"--data.init_args.data_dir={fashion_mnist_dir}",
+        "--data.init_args.val_size=8", "--data.init_args.batch_size=4", "--data.init_args.augment=false",
+        "--data.init_args.num_workers=0", "--data.init_args.persistent_workers=false",
+    ]  # fmt: skip
+
+
+def run_until_signal(args: list[str], step: int, signum: int, cwd: Path) -> subprocess.CompletedProcess:
+    callback = {"class_path": "test_reliability_resume.SignalAtStep", "init_args": {"step": step, "signum": signum}}
+    # As many threads as this process, so the float sums (and so the weights) match bit for bit.
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]), "OMP_NUM_THREADS": threads}
+    return subprocess.run(
+        [sys.executable, "-m", "swinlab", *args, f"--trainer.callbacks+={json.dumps(callback)}"],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def last_checkpoint(root: Path) -> dict:
+    return torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """Fashion-MNIST idx files with 40 training images (as the ``fashion_mnist_dir`` fixture), shared by the module."""
+    root = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("t10k", 20)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    main(run_args(data_dir, TINY_SWIN, root))
+    return last_checkpoint(root)
+
+
+@pytest.mark.parametrize(
+    ("signum", "step", "saved_step", "returncode"),
+    [(signal.SIGKILL, 7, 6, -signal.SIGKILL), (signal.SIGKILL, 9, 8, -signal.SIGKILL), (signal.SIGTERM, 5, 5, 0)],
+    ids=["sigkill-mid-epoch", "sigkill-after-epoch-end", "sigterm"],
+)
+def test_killed_run_resumes_to_the_same_weights(signum, step, saved_step, returncode, uninterrupted, data_dir, tmp_path):
+    root = tmp_path / "killed"
+    args = run_args(data_dir, TINY_SWIN, root)
+    done = run_until_signal(args, step, signum, tmp_path)
+    assert done.returncode == returncode, done.stderr[-3000:]
+    saved = last_checkpoint(root)
+    # SIGKILL: the periodic save of step 6, or the end-of-epoch save of step 8; SIGTERM: a save after the batch
+    # that was running.
+    assert saved["global_step"] == saved_step and saved["epoch"] == 0
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "batches_consumed": saved_step}
+    ]
+
+    main([*args, "--ckpt_path=last"])
+    resumed = last_checkpoint(root)
+    assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS_PER_EPOCH
+    assert resumed["state_dict"].keys() == uninterrupted["state_dict"].keys()
+    for key, value in uninterrupted["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    assert resumed["lr_schedulers"][0]["last_epoch"] == uninterrupted["lr_schedulers"][0]["last_epoch"]
+    first_moment = [state["exp_avg"] for state in uninterrupted["optimizer_states"][0]["state"].values()]
+    for value, resumed_value in zip(first_moment, (s["exp_avg"] for s in resumed["optimizer_states"][0]["state"].values())):
+        torch.testing.assert_close(resumed_value, value, rtol=0, atol=0)
+
+
+def test_atomic_save_keeps_the_previous_checkpoint_when_interrupted(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def killed_while_writing(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"], "the partial file is removed"
