@@ -173,7 +173,9 @@ class WindowAttention(nn.Module):
             return None if bias is None else bias.to(dtype)[None]
         return (mask[:, None] if bias is None else bias[None] + mask[:, None]).to(dtype)
 
-    def sdpa_mask(self, window: int, mask: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+    def sdpa_mask(
+        self, window: int, mask: torch.Tensor | None, batch: int, dtype: torch.dtype, bias_needs_grad: bool
+    ) -> torch.Tensor | None:
         """The additive mask for SDPA on (B * nW, heads, N, N) logits: (B * nW, heads, N, N), (1, heads, N, N) or None.
 
         With a window mask it is repeated over the batch: SDPA's fused kernels broadcast a mask only over a
@@ -181,9 +183,7 @@ class WindowAttention(nn.Module):
         the head axis (which copies q, k and v). Cached while nothing needs its gradient.
         """
         table = self.relative_position_bias_table
-        cacheable = not torch.compiler.is_compiling() and (
-            table is None or not (table.requires_grad and torch.is_grad_enabled())
-        )
+        cacheable = not torch.compiler.is_compiling() and not bias_needs_grad
         if cacheable:
             # A mask made under inference_mode cannot be used where autograd records (e.g. a frozen table in
             # training), so the mode is part of the key; the table's version changes when weights are loaded.
@@ -218,7 +218,8 @@ class WindowAttention(nn.Module):
                 attn = F.dropout(attn, dropout)
             x = attn @ v
         else:
-            attn_mask = self.sdpa_mask(window, mask, BnW // (1 if mask is None else mask.shape[0]), q.dtype)
+            batch = BnW // (1 if mask is None else mask.shape[0])
+            attn_mask = self.sdpa_mask(window, mask, batch, q.dtype, needs_grad)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(BnW, N, C)
         return self.proj_drop(self.proj(x))
