@@ -24,7 +24,14 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image, to_rgb
+from swinlab.data.bad_samples import (
+    BadSampleError,
+    BadSampleGuard,
+    OnBadSample,
+    check_on_bad_sample,
+    open_image,
+    to_rgb,
+)
 from swinlab.data.resumable import ResumableDataLoader
 from swinlab.data.segmentation_transforms import SegmentationEvalTransform, SegmentationTrainTransform
 
@@ -281,8 +288,7 @@ class ADE20KDataModule(LightningDataModule):
         on_bad_sample: OnBadSample = "skip",
     ) -> None:
         super().__init__()
-        BadSampleGuard(on_bad_sample)  # checks the value now, before any data is read
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample)  # now, before any data is read
         self.data_root = Path(data_root)
         self.class_names = list(class_names) if class_names is not None else list(ADE20K_CLASSES)
         if not self.class_names:

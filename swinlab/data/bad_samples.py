@@ -69,6 +69,13 @@ def open_image(path: str | Path) -> Image.Image:
         raise BadSampleError(f"{path}: unreadable image ({type(err).__name__}: {err})") from err
 
 
+def check_on_bad_sample(on_bad_sample: str) -> OnBadSample:
+    """``on_bad_sample`` itself, or a ValueError naming the allowed values."""
+    if on_bad_sample not in ("skip", "raise"):
+        raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}")
+    return on_bad_sample
+
+
 class BadSampleGuard:
     """Applies ``on_bad_sample`` to a data set's reads: ``guard(read, index, length)``.
 
@@ -78,9 +85,7 @@ class BadSampleGuard:
     """
 
     def __init__(self, on_bad_sample: OnBadSample = "skip") -> None:
-        if on_bad_sample not in ("skip", "raise"):
-            raise ValueError(f"on_bad_sample must be 'skip' or 'raise', got {on_bad_sample!r}")
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample)
         self.bad_samples: dict[int, str] = {}  # index -> reason
 
     def __call__(self, read: Callable[[int], Sample], index: int, length: int) -> Sample:

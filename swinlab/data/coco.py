@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image, to_rgb
+from swinlab.data.bad_samples import (
+    BadSampleError,
+    BadSampleGuard,
+    OnBadSample,
+    check_on_bad_sample,
+    open_image,
+    to_rgb,
+)
 from swinlab.data.resumable import ResumableDataLoader
 
 logger = logging.getLogger(__name__)
@@ -324,8 +331,7 @@ class COCODataModule(LightningDataModule):
         on_bad_sample: OnBadSample = "skip",
     ) -> None:
         super().__init__()
-        BadSampleGuard(on_bad_sample)  # checks the value now, before any data is read
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample)  # now, before any data is read
         if source not in ("coco", "hf"):
             raise ValueError(f"COCODataModule source must be 'coco' or 'hf', got {source!r}")
         if source == "hf" and masks:

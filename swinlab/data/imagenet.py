@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image, to_rgb
+from swinlab.data.bad_samples import (
+    BadSampleError,
+    BadSampleGuard,
+    OnBadSample,
+    check_on_bad_sample,
+    open_image,
+    to_rgb,
+)
 from swinlab.data.resumable import ResumableDataLoader
 from swinlab.data.transforms import classification_eval_transform, classification_train_transform
 
@@ -87,8 +94,7 @@ class ClassificationDataModule(LightningDataModule):
         on_bad_sample: OnBadSample = "skip",
     ) -> None:
         super().__init__()
-        BadSampleGuard(on_bad_sample)  # checks the value now, before any data is read
-        self.on_bad_sample = on_bad_sample
+        self.on_bad_sample = check_on_bad_sample(on_bad_sample)  # now, before any data is read
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
