@@ -274,24 +274,9 @@ class ImageNetDataModule(ImageFolderDataModule):
         val_split: str = "validation",
         test_split: str = "validation",
         hf_cache_dir: str | None = None,
-        train_dir: str = "train",
-        val_dir: str = "val",
-        test_dir: str | None = None,
-        image_size: int = 224,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
-        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-        re_prob: float = 0.25,
-        color_jitter: float = 0.4,
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        batch_size: int = 128,
-        num_workers: int = 8,
-        pin_memory: bool = True,
-        persistent_workers: bool = True,
-        predict_dir: str | None = None,
-        on_bad_sample: OnBadSample = "skip",
+        **kwargs: Any,
     ) -> None:
+        """``kwargs``: :class:`ImageFolderDataModule`'s arguments (transforms, loaders, ``*_dir`` for folders)."""
         root = Path(data_dir)
         if source == "auto":
             # Only the top two levels: an ILSVRC2012 tree holds 1.3M files.
@@ -302,10 +287,7 @@ class ImageNetDataModule(ImageFolderDataModule):
         self.source = source
         self.hf_splits = {"train": train_split, "val": val_split, "test": test_split}
         self.hf_cache_dir = hf_cache_dir
-        super().__init__(
-            data_dir, train_dir, val_dir, test_dir, image_size, crop_pct, interpolation, auto_augment, re_prob,
-            color_jitter, mean, std, batch_size, num_workers, pin_memory, persistent_workers, predict_dir, on_bad_sample,
-        )  # fmt: skip
+        super().__init__(data_dir, **kwargs)
 
     def _read_class_names(self) -> list[str]:
         if self.source == "folder":
