@@ -5,10 +5,10 @@ random input, the same stochastic-depth rate and the same optimizer (AdamW); eac
 alternation (one step of each per round, so a noisy neighbour slows all of them alike) and the median step time
 gives images/s. Modes: ``infer`` (forward under ``torch.inference_mode``) and ``train`` (forward, cross-entropy,
 backward, optimizer step). Peak memory is measured in one extra step per implementation after the timed ones: on
-CUDA ``torch.cuda.max_memory_allocated``, on CPU the rise of the process RSS above its level before the step
-(sampled every millisecond from /proc/self/statm, after ``malloc_trim`` hands freed heap pages back to the OS so
-that memory freed by an earlier step or implementation is not silently reused). Parameters and optimizer state
-that exist before the step are not counted on CPU; on CUDA they are.
+CUDA the rise of ``torch.cuda.max_memory_allocated`` above the allocation before the step, on CPU the rise of
+the process RSS above its level before the step (sampled every millisecond from /proc/self/statm, after
+``malloc_trim`` hands freed heap pages back to the OS so that memory freed by an earlier step or implementation is
+not silently reused). Parameters and optimizer state that exist before the step are not counted on either.
 
     python scripts/benchmark.py --sizes t --device cpu --batch-sizes 8 --modes infer train --json bench.json
     python scripts/benchmark.py --sizes t s b --device cuda --precisions fp32 bf16 --compile off on \\
@@ -40,6 +40,7 @@ import torchvision
 from torch import nn
 
 from swinlab.models import create_model
+from swinlab.models.swin import ATTENTION_CHOICES
 
 IMPLEMENTATIONS = ("swinlab", "timm", "torchvision")
 # size -> (swinlab name, timm name, torchvision builder, the paper's stochastic-depth rate)
@@ -65,11 +66,14 @@ class Result(NamedTuple):
     peak_memory_mb: float | None
 
 
-def build_model(impl: str, size: str, num_classes: int, image_size: int = 224) -> nn.Module:
+def build_model(
+    impl: str, size: str, num_classes: int, image_size: int = 224, swinlab_attention: str = "auto"
+) -> nn.Module:
     """One implementation of Swin-{T,S,B}, window 7, randomly initialised (no weights are downloaded)."""
     swinlab_name, timm_name, torchvision_builder, drop_path = MODELS[size]
     if impl == "swinlab":
-        return create_model(swinlab_name, num_classes=num_classes, drop_path_rate=drop_path, img_size=image_size)
+        return create_model(swinlab_name, num_classes=num_classes, drop_path_rate=drop_path, img_size=image_size,
+                            attention=swinlab_attention)
     if impl == "timm":
         return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
                                  img_size=image_size)
@@ -141,11 +145,14 @@ def peak_rss_above_start() -> Iterator[list[int]]:
 def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
     """Peak memory of one step in MiB: CUDA allocator peak, or the CPU RSS rise (None where /proc is missing)."""
     if device.type == "cuda":
+        # The rise above what is allocated before the step: the other implementations' weights live on the
+        # same device, so the absolute peak would count them too.
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         step()
         synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     if not Path("/proc/self/statm").exists():
         return None
     gc.collect()
@@ -159,6 +166,7 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | No
 def benchmark_config(
     size: str, impls: list[str], device: torch.device, precision: str, compiled: bool, batch_size: int, mode: str,
     warmup: int, repeats: int, num_classes: int, measure_memory: bool, image_size: int = 224,
+    swinlab_attention: str = "auto",
 ) -> list[Result]:
     """Times every implementation on the same batch, in alternation; returns one Result per implementation."""
     torch.manual_seed(0)
@@ -167,7 +175,7 @@ def benchmark_config(
     steps, memory = {}, {}
     for impl in impls:
         torch.manual_seed(0)
-        model = build_model(impl, size, num_classes, image_size).to(device)
+        model = build_model(impl, size, num_classes, image_size, swinlab_attention).to(device)
         if compiled:
             model = torch.compile(model)
         steps[impl] = make_step(model, mode, images, labels, PRECISIONS[precision])
@@ -241,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation; the median is reported")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=224, help="square input side (the comparisons use 224)")
+    parser.add_argument("--swinlab-attention", choices=ATTENTION_CHOICES, default="auto",
+                        help="swinlab's window-attention kernel (auto: what swinlab picks for the device and mode)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for this run (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra step that measures peak memory")
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all results")
@@ -274,6 +284,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                         rows = benchmark_config(
                             size, args.impls, device, precision, compile_flag == "on", batch_size, mode,
                             args.warmup, args.repeats, args.num_classes, not args.no_memory, args.image_size,
+                            args.swinlab_attention,
                         )
                         for row in rows:
                             print(f"{row.model} {row.impl} {mode} {precision} compile={compile_flag} "
@@ -285,7 +296,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "device": device_name(device),
         "torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
         "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "tf32": device.type == "cuda" and not args.no_tf32,
+        "tf32": device.type == "cuda" and not args.no_tf32, "swinlab_attention": args.swinlab_attention,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,14 @@ TINY = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2
             drop_path_rate=0.0)
 
 
+@pytest.mark.parametrize("size", [32, 36])  # img_size (prebuilt layout buffers) and another size (built in-graph)
 @pytest.mark.parametrize("train", [False, True])
-def test_compiles_with_fullgraph_and_matches_eager(train):
+def test_compiles_with_fullgraph_and_matches_eager(train, size):
     """fullgraph=True fails on any graph break. The aot_eager backend runs dynamo and AOTAutograd (the forward and
     backward graphs inductor would get) without inductor's C++ build, which takes minutes on a 2-core CPU."""
     torch.manual_seed(0)
     model = create_model("swin_t", **TINY).train(train)
-    x = torch.randn(2, 3, 36, 36)
+    x = torch.randn(2, 3, size, size)
     compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
     with torch.set_grad_enabled(train):
         outputs = [compiled(x), model(x)]
@@ -56,6 +57,24 @@ def test_cpu_training_path_matches_timm_gradients(tmp_path):
     for name, param in reference.named_parameters():
         if "relative_position_bias_table" in name:
             torch.testing.assert_close(ours[name].grad, param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("size", [32, 36])  # 32: the plain blocks have no mask; 36: every block is masked (padding)
+@pytest.mark.parametrize("position_bias", ["relative", "none"])
+def test_attention_kernels_compute_the_same_function(position_bias, size):
+    torch.manual_seed(0)
+    sdpa, explicit = (create_model("swin_t", attention=kernel, position_bias=position_bias, **TINY).eval()
+                      for kernel in ("sdpa", "explicit"))
+    explicit.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa(x), explicit(x), atol=1e-5, rtol=1e-4)
+    for model in (sdpa, explicit):
+        model.train()(x).square().sum().backward()
+    for (name, a), b in zip(sdpa.named_parameters(), explicit.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="attention='flash'"):
+        create_model("swin_t", attention="flash", **TINY)
 
 
 def test_cached_inference_mask_follows_loaded_weights_and_batch_size():

@@ -3,6 +3,7 @@ import timm
 import torch
 
 from swinlab.models import create_model, load_pretrained
+from swinlab.models.swin import SwinBlock, window_layout
 
 
 @pytest.mark.parametrize("name,params", [("swin_t", 28_288_354), ("swin_s", 49_606_258), ("swin_b", 87_768_224), ("swin_l", 196_532_476)])
@@ -95,7 +96,6 @@ def naive_window_block(block, x: torch.Tensor, window: int) -> torch.Tensor:
 def test_plain_windows_equal_naive_reference(size, window):
     """Covers exact window grids and padded ones (10x13 and a 7x7 map in one 8x8 window): padding never
     changes what real tokens see."""
-    from swinlab.models.swin import SwinBlock, window_layout
 
     torch.manual_seed(0)
     block = SwinBlock(dim=16, num_heads=2, window_size=window, shift=False).eval()
@@ -123,7 +123,6 @@ def test_shifted_window_token_sees_only_its_window(size):
     """Gradient test: with the cyclic shift, output token q depends on input token p only when both fall in
     the same window of the shifted grid AND are neighbours on the unshifted map (less than a window apart:
     the mask separates tokens that the roll wrapped around from the far edge)."""
-    from swinlab.models.swin import SwinBlock, window_layout
 
     torch.manual_seed(0)
     window, shift = 4, 2
@@ -205,16 +204,24 @@ def test_small_feature_map_is_logged_once_or_clipped(caplog):
     assert model.layers[1].effective_window(4, 4) == (4, 2)
 
 
-def test_layouts_are_cached_per_size():
+def test_layouts_prebuilt_for_img_size_and_cached_for_other_sizes():
     model = create_model("swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
                          num_heads=(1, 2), num_classes=2).eval()
+    stage = model.layers[0]
+    for kind, shift in (("plain", 0), ("shifted", 2)):
+        expected = window_layout(16, 16, 4, shift)
+        for field, tensor in expected._asdict().items():
+            prebuilt = getattr(stage, f"{kind}_{field}")
+            assert (prebuilt is None) == (tensor is None) and (tensor is None or torch.equal(prebuilt, tensor))
+    assert not any("_gather" in key or "_mask" in key for key in model.state_dict())  # not saved in checkpoints
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-        first = dict(model.layers[0]._layouts)
-        model(torch.randn(2, 3, 32, 32))
-        assert all(model.layers[0]._layouts[k] is v for k, v in first.items())
+        assert stage._layouts == {}  # the img_size layouts are the buffers
         model(torch.randn(1, 3, 24, 40))
-    assert len(model.layers[0]._layouts) == 2 * len(first)
+        first = dict(stage._layouts)
+        assert len(first) == 2
+        model(torch.randn(2, 3, 24, 40))
+        assert all(stage._layouts[k] is v for k, v in first.items())
 
 
 def test_bf16_autocast_close_to_fp32_and_trains():
