@@ -7,6 +7,7 @@ import timm
 import torch
 
 from swinlab.models import create_model, load_pretrained
+from swinlab.models.swin import use_explicit_attention
 
 # Two stages at 36x36 with 4x4 windows: maps 18x18 and 9x9 need padding, and the odd blocks shift.
 TINY = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=5,
@@ -75,6 +76,17 @@ def test_attention_kernels_compute_the_same_function(position_bias, size):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="attention='flash'"):
         create_model("swin_t", attention="flash", **TINY)
+
+
+def test_auto_attention_picks_the_kernel_that_measured_faster():
+    # (device, bias needs a gradient, under torch.compile) -> explicit?  See docs/benchmarks.md.
+    expected = {("cpu", True, False): True, ("cpu", True, True): True, ("cpu", False, False): False,
+                ("cpu", False, True): False, ("cuda", True, False): False, ("cuda", True, True): False,
+                ("cuda", False, False): False, ("cuda", False, True): True}
+    for (device, needs_grad, compiling), explicit in expected.items():
+        assert use_explicit_attention("auto", device, needs_grad, compiling) is explicit, (device, needs_grad, compiling)
+        assert use_explicit_attention("sdpa", device, needs_grad, compiling) is False
+        assert use_explicit_attention("explicit", device, needs_grad, compiling) is True
 
 
 def test_cached_inference_mask_follows_loaded_weights_and_batch_size():
