@@ -291,7 +291,7 @@ class SwinBlock(nn.Module):
 
         The MLP is per token, so chunks give the same result. On CPU every tensor above glibc's mmap threshold
         (32 MiB, e.g. Swin-T's stage-1 hidden activations at batch 8) is freshly mapped and page-faulted in;
-        ~4 MiB chunks stay in cache and reuse freed memory (measured 1.08x faster for Swin-T, batch 8).
+        ~4 MiB chunks stay in cache and reuse freed memory (Swin-T, batch 8: 1.01-1.07x, docs/benchmarks.md).
         """
         tokens = x.view(-1, x.shape[-1])
         for chunk in tokens.split(max(512, (1 << 20) // self.mlp.fc1.out_features)):
