@@ -128,6 +128,13 @@ class SegmentationTask(SwinTask):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, masks = batch["image"], batch["mask"]
+        if images.shape[0] == 1 and not self._batchnorm_spans_processes():
+            raise ValueError(
+                "SegmentationTask got a training batch of 1 image: UperNet's pyramid pooling branch pools to 1x1, "
+                "and its BatchNorm needs more than one value per channel. Set data.batch_size >= 2 per device, or "
+                "train on several devices with trainer.sync_batchnorm=true (the official recipe: 2 images per GPU "
+                "on 8 GPUs with SyncBN)."
+            )
         features = self.backbone.forward_features(images)
         decode_loss = self.criterion(_resize(self.decode_head(features), masks.shape[-2:]), masks)
         loss = decode_loss
@@ -139,6 +146,12 @@ class SegmentationTask(SwinTask):
         self.log("train/decode_loss", decode_loss, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
+
+    def _batchnorm_spans_processes(self) -> bool:
+        """True when the head's BatchNorm is synchronised over more than one process (Lightning's sync_batchnorm)."""
+        synced = any(isinstance(module, nn.SyncBatchNorm) for module in self.decode_head.modules())
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return synced and distributed and torch.distributed.get_world_size() > 1
 
     def slide_inference(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B, num_classes, H, W) averaged over ``crop_size`` windows every ``stride``

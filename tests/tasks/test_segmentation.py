@@ -95,6 +95,11 @@ def test_training_step_trains_both_heads() -> None:
     assert task.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_training_batch_of_one_image_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="batch of 1 image.*data.batch_size >= 2"):
+        tiny_task().training_step({"image": torch.randn(1, 3, 32, 32), "mask": torch.zeros(1, 32, 32).long()}, 0)
+
+
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="aux_in_index 5"):
         tiny_task(aux_in_index=5)
