@@ -34,7 +34,8 @@ class WeightsAfterEachBatch(Callback):
 
 def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(fashion_mnist_dir, tiny_swin, tmp_path):
     data = FashionMNISTDataModule(str(fashion_mnist_dir), val_size=8, batch_size=4, augment=False, num_workers=0)
-    model = NaNLossAt({1, 2, 4, 5, 6}, backbone_kwargs={**tiny_swin, "in_chans": 1}, num_classes=10)
+    # With an EMA: its weights (parameters of the module, so in WeightsAfterEachBatch) must not move on skipped steps.
+    model = NaNLossAt({1, 2, 4, 5, 6}, backbone_kwargs={**tiny_swin, "in_chans": 1}, num_classes=10, ema_decay=0.5)
     guard, weights = NonFiniteLossGuard(max_consecutive=3), WeightsAfterEachBatch()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last=True, every_n_train_steps=1)
     trainer = Trainer(

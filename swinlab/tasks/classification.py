@@ -143,7 +143,9 @@ class ClassificationTask(SwinTask):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        # NonFiniteLossGuard drops every gradient of a step it skips: then the weights did not move, nor does the EMA.
+        stepped = any(param.grad is not None for param in self.backbone.parameters())
+        if self.ema is not None and stepped:
             # Lightning counts this step in global_step only after the hook returns; timm expects the count
             # including it (the first update copies the weights).
             self.ema.update(self.backbone, step=self.global_step + 1)
