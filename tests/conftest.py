@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -86,3 +87,15 @@ def load_script(name: str) -> ModuleType:
     spec.loader.exec_module(module)
     return module
 
+
+
+def official_layout(state: dict, config: str = "swin_tiny_patch4_window7_224") -> dict:
+    """A timm-layout (or swinlab) state dict renamed to the official microsoft/Swin-Transformer layout (patch
+    merging at the END of the previous stage, head without ``.fc``, buffers kept) and wrapped in ``{"model": ...}``."""
+    out = {}
+    for key, value in state.items():
+        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
+        if match:
+            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
+        out[key.replace("head.fc.", "head.")] = value
+    return {"model": out, "epoch": 299, "config": config}

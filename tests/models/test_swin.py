@@ -3,6 +3,7 @@ import timm
 import torch
 
 from swinlab.models import create_model, load_pretrained
+from conftest import official_layout
 from swinlab.models.swin import SwinBlock, window_layout
 
 
@@ -253,20 +254,6 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 # ---- checkpoint layouts ---------------------------------------------------------------------------------
-
-def official_layout(timm_state: dict) -> dict:
-    """timm's swin_tiny state dict renamed to the official microsoft/Swin-Transformer layout (patch merging
-    at the END of the previous stage, head without ``.fc``, buffers kept) and wrapped in ``{"model": ...}``."""
-    import re
-
-    out = {}
-    for key, value in timm_state.items():
-        match = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
-        if match:
-            key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
-        out[key.replace("head.fc.", "head.")] = value
-    return {"model": out, "epoch": 299, "config": "swin_tiny_patch4_window7_224"}
-
 
 def test_official_checkpoint_layout_gives_same_logits(tmp_path, timm_swin_tiny):
     reference, x, expected = timm_swin_tiny

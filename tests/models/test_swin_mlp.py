@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from swinlab.models import create_model
+from conftest import official_layout
+from swinlab.models import create_model, load_pretrained
 from swinlab.models.swin_mlp import SwinMLPBlock
 from swinlab.tasks import ClassificationTask
 from swinlab.tasks.detection import DetectionTask
@@ -97,3 +98,21 @@ def test_every_task_builds_and_trains_with_swin_mlp():
     with torch.no_grad():
         (result,) = detection([torch.rand(3, 64, 80)])
     assert set(result) >= {"boxes", "labels", "scores"}
+
+
+def test_official_swin_mlp_checkpoint_layout_loads(tmp_path):
+    """The official Swin-MLP files use the official Swin layout (patch merging at the end of the previous stage)."""
+    kwargs = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                  num_classes=5)
+    torch.manual_seed(0)
+    source = create_model("swin_mlp_t", **kwargs).eval()
+    checkpoint = official_layout(source.state_dict(), config="swin_mlp_tiny_c12_patch4_window8_256")
+    assert "layers.0.downsample.reduction.weight" in checkpoint["model"]
+    torch.save(checkpoint, tmp_path / "swin_mlp.pth")
+    torch.manual_seed(1)
+    model = create_model("swin_mlp_t", **kwargs).eval()
+    result = load_pretrained(model, tmp_path / "swin_mlp.pth")
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x))
