@@ -184,9 +184,7 @@ class WindowAttention(nn.Module):
                     self._index_cache[key] = relative_position_index(window, self.window_size).to(key[1])
             index = self._index_cache[key]
         N = window * window
-        # Contiguous: CUDA's fused SDPA kernels refuse a mask whose last dimension is strided (measured on an
-        # H200: the permuted view sent the unmasked blocks to the slow math kernel).
-        return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1).contiguous()
+        return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
 
     def bias_and_mask(self, window: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """Relative bias plus window mask, (nW, heads, N, N), or (1, heads, N, N) without a mask; None if neither."""
@@ -196,16 +194,15 @@ class WindowAttention(nn.Module):
         return (mask[:, None] if bias is None else bias[None] + mask[:, None]).to(dtype)
 
     def sdpa_mask(
-        self, window: int, mask: torch.Tensor | None, batch: int, dtype: torch.dtype, bias_needs_grad: bool
+        self, window: int, mask: torch.Tensor | None, batch: int, dtype: torch.dtype, cacheable: bool
     ) -> torch.Tensor | None:
         """The additive mask for SDPA on (B * nW, heads, N, N) logits: (B * nW, heads, N, N), (1, heads, N, N) or None.
 
         With a window mask it is repeated over the batch: SDPA's fused kernels broadcast a mask only over a
         batch dimension of size 1, and one copy of the mask measured faster on CPU than folding the windows into
-        the head axis (which copies q, k and v). Cached while nothing needs its gradient.
+        the head axis (which copies q, k and v). Cached when ``cacheable`` (nothing needs its gradient, not compiling).
         """
         table = self.relative_position_bias_table
-        cacheable = not torch.compiler.is_compiling() and not bias_needs_grad
         if cacheable:
             # A mask made under inference_mode cannot be used where autograd records (e.g. a frozen table in
             # training), so the mode is part of the key; the table's version changes when weights are loaded.
@@ -214,9 +211,13 @@ class WindowAttention(nn.Module):
             if self._mask_cache is not None and self._mask_cache[0] == key:
                 return self._mask_cache[1]
         attn_mask = self.bias_and_mask(window, mask, dtype)
-        if attn_mask is not None and attn_mask.shape[0] > 1:
-            nW, heads, N = attn_mask.shape[:3]
-            attn_mask = attn_mask.expand(batch, nW, heads, N, N).reshape(batch * nW, heads, N, N)
+        if attn_mask is not None:
+            if attn_mask.shape[0] > 1:
+                nW, heads, N = attn_mask.shape[:3]
+                attn_mask = attn_mask.expand(batch, nW, heads, N, N).reshape(batch * nW, heads, N, N)
+            # CUDA's fused kernels refuse a mask whose last dimension is strided, as the permuted bias view is (on
+            # an H200 the unmasked blocks fell back to the slow math kernel); a no-op after the repeat above.
+            attn_mask = attn_mask.contiguous()
         if cacheable:
             self._mask_cache = (key, attn_mask)
         return attn_mask
@@ -228,9 +229,10 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, head_dim)
         table = self.relative_position_bias_table
         needs_grad = table is not None and table.requires_grad and torch.is_grad_enabled()
-        if not torch.compiler.is_compiling() and needs_grad and self._mask_cache is not None:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and needs_grad and self._mask_cache is not None:
             self._mask_cache = None  # training: do not keep the last validation batch's mask in memory
-        if use_explicit_attention(self.attention, x.device.type, needs_grad, torch.compiler.is_compiling()):
+        if use_explicit_attention(self.attention, x.device.type, needs_grad, compiling):
             bias = self.bias_and_mask(window, mask, q.dtype)
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
             if bias is not None:
@@ -241,7 +243,7 @@ class WindowAttention(nn.Module):
             x = attn @ v
         else:
             batch = BnW // (1 if mask is None else mask.shape[0])
-            attn_mask = self.sdpa_mask(window, mask, batch, q.dtype, needs_grad)
+            attn_mask = self.sdpa_mask(window, mask, batch, q.dtype, cacheable=not (compiling or needs_grad))
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         x = x.transpose(1, 2).reshape(BnW, N, C)
         return self.proj_drop(self.proj(x))
@@ -367,7 +369,8 @@ class SwinStage(nn.Module):
         self.feature_size = feature_size
         if feature_size is not None:
             window, shift = self.effective_window(*feature_size, log=False)
-            for kind, kind_shift in (("plain", 0), ("shifted", shift)) if shift else (("plain", 0),):
+            kinds = {"plain": 0, "shifted": shift} if shift else {"plain": 0}
+            for kind, kind_shift in kinds.items():
                 layout = window_layout(*feature_size, window, kind_shift)
                 for field, tensor in layout._asdict().items():
                     self.register_buffer(f"{kind}_{field}", tensor, persistent=False)

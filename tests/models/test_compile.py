@@ -78,6 +78,17 @@ def test_attention_kernels_compute_the_same_function(position_bias, size):
         create_model("swin_t", attention="flash", **TINY)
 
 
+def test_sdpa_masks_are_contiguous():
+    """CUDA's fused SDPA kernels need a mask with stride 1 in its last dimension; the bias alone (unshifted blocks
+    at img_size, no window mask) is a permuted view and must be copied, or SDPA falls back to its math kernel."""
+    model = create_model("swin_t", attention="sdpa", **TINY).eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    masks = [block.attn._mask_cache[1] for stage in model.layers for block in stage.blocks]
+    assert [mask.shape[0] for mask in masks] == [1, 2 * 16, 1, 2 * 4]  # plain blocks (16x16, 8x8 maps): bias only
+    assert all(mask.is_contiguous() for mask in masks)
+
+
 def test_auto_attention_picks_the_kernel_that_measured_faster():
     # (device, bias needs a gradient, under torch.compile) -> explicit?  See docs/benchmarks.md.
     expected = {("cpu", True, False): True, ("cpu", True, True): True, ("cpu", False, False): False,
