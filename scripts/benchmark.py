@@ -72,11 +72,17 @@ def build_model(
     """One implementation of Swin-{T,S,B}, window 7, randomly initialised (no weights are downloaded)."""
     swinlab_name, timm_name, torchvision_builder, drop_path = MODELS[size]
     if impl == "swinlab":
-        return create_model(swinlab_name, num_classes=num_classes, drop_path_rate=drop_path, img_size=image_size,
-                            attention=swinlab_attention)
+        return create_model(
+            swinlab_name,
+            num_classes=num_classes,
+            drop_path_rate=drop_path,
+            img_size=image_size,
+            attention=swinlab_attention,
+        )
     if impl == "timm":
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
-                                 img_size=image_size)
+        return timm.create_model(
+            timm_name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, img_size=image_size
+        )
     if impl == "torchvision":
         return torchvision_builder(weights=None, num_classes=num_classes)  # its stochastic depth is the paper's, too
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLEMENTATIONS}")
@@ -164,8 +170,18 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | No
 
 
 def benchmark_config(
-    size: str, impls: list[str], device: torch.device, precision: str, compiled: bool, batch_size: int, mode: str,
-    warmup: int, repeats: int, num_classes: int, measure_memory: bool, image_size: int = 224,
+    size: str,
+    impls: list[str],
+    device: torch.device,
+    precision: str,
+    compiled: bool,
+    batch_size: int,
+    mode: str,
+    warmup: int,
+    repeats: int,
+    num_classes: int,
+    measure_memory: bool,
+    image_size: int = 224,
     swinlab_attention: str = "auto",
 ) -> list[Result]:
     """Times every implementation on the same batch, in alternation; returns one Result per implementation."""
@@ -195,17 +211,30 @@ def benchmark_config(
     results = []
     for impl in impls:
         median = statistics.median(times[impl])
-        results.append(Result(
-            MODELS[size][0], impl, str(device), precision, compiled, batch_size, mode, batch_size / median, median,
-            times[impl], memory[impl],
-        ))
+        results.append(
+            Result(
+                MODELS[size][0],
+                impl,
+                str(device),
+                precision,
+                compiled,
+                batch_size,
+                mode,
+                batch_size / median,
+                median,
+                times[impl],
+                memory[impl],
+            )
+        )
     return results
 
 
 def format_table(results: list[Result]) -> str:
     """One row per measurement; ``vs timm`` / ``vs torchvision`` are swinlab's images/s over the peer's."""
-    header = (f"{'model':8} {'impl':12} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
-              f"{'peak MiB':>9} {'vs timm':>8} {'vs tv':>7}")
+    header = (
+        f"{'model':8} {'impl':12} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
+        f"{'peak MiB':>9} {'vs timm':>8} {'vs tv':>7}"
+    )
     lines = [header, "-" * len(header)]
     key = lambda r: (r.model, r.device, r.precision, r.compiled, r.batch_size, r.mode)  # noqa: E731
     swinlab = {key(r): r.images_per_s for r in results if r.impl == "swinlab"}
@@ -218,8 +247,10 @@ def format_table(results: list[Result]) -> str:
                 for peer, w in (("timm", 7), ("torchvision", 6))
             )
         memory = f"{r.peak_memory_mb:9.0f}" if r.peak_memory_mb is not None else f"{'-':>9}"
-        lines.append(f"{r.model:8} {r.impl:12} {r.mode:6} {r.precision:5} {str(r.compiled):7} {r.batch_size:>5} "
-                     f"{r.images_per_s:9.2f} {memory} {ratios}")
+        lines.append(
+            f"{r.model:8} {r.impl:12} {r.mode:6} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
+            f"{r.images_per_s:9.2f} {memory} {ratios}"
+        )
     return "\n".join(lines)
 
 
@@ -239,8 +270,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="+", choices=tuple(MODELS), default=["t"], help="Swin-T/S/B")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--precisions", nargs="+", choices=tuple(PRECISIONS), default=["fp32"],
-                        help="fp32 (TF32 matmuls on CUDA unless --no-tf32) or bf16 autocast")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=tuple(PRECISIONS),
+        default=["fp32"],
+        help="fp32 (TF32 matmuls on CUDA unless --no-tf32) or bf16 autocast",
+    )
     parser.add_argument("--no-tf32", action="store_true", help="strict fp32 matmuls and convolutions on CUDA")
     parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"], help="torch.compile each model")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
@@ -249,8 +285,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation; the median is reported")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=224, help="square input side (the comparisons use 224)")
-    parser.add_argument("--swinlab-attention", choices=ATTENTION_CHOICES, default="auto",
-                        help="swinlab's window-attention kernel (auto: what swinlab picks for the device and mode)")
+    parser.add_argument(
+        "--swinlab-attention",
+        choices=ATTENTION_CHOICES,
+        default="auto",
+        help="swinlab's window-attention kernel (auto: what swinlab picks for the device and mode)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for this run (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the extra step that measures peak memory")
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all results")
@@ -282,21 +322,38 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 for batch_size in args.batch_sizes:
                     for mode in args.modes:
                         rows = benchmark_config(
-                            size, args.impls, device, precision, compile_flag == "on", batch_size, mode,
-                            args.warmup, args.repeats, args.num_classes, not args.no_memory, args.image_size,
+                            size,
+                            args.impls,
+                            device,
+                            precision,
+                            compile_flag == "on",
+                            batch_size,
+                            mode,
+                            args.warmup,
+                            args.repeats,
+                            args.num_classes,
+                            not args.no_memory,
+                            args.image_size,
                             args.swinlab_attention,
                         )
                         for row in rows:
-                            print(f"{row.model} {row.impl} {mode} {precision} compile={compile_flag} "
-                                  f"batch={batch_size}: {row.images_per_s:.2f} img/s", flush=True)
+                            print(
+                                f"{row.model} {row.impl} {mode} {precision} compile={compile_flag} "
+                                f"batch={batch_size}: {row.images_per_s:.2f} img/s",
+                                flush=True,
+                            )
                         results.extend(rows)
     print(format_table(results))
     meta = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "device": device_name(device),
-        "torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__,
-        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "tf32": device.type == "cuda" and not args.no_tf32, "swinlab_attention": args.swinlab_attention,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "tf32": device.type == "cuda" and not args.no_tf32,
+        "swinlab_attention": args.swinlab_attention,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -62,12 +62,22 @@ def images_per_s_in_process(dataset: torch.utils.data.Dataset, count: int, trans
     return len(paths) / (time.perf_counter() - start)
 
 
-def loader_images_per_s(data_dir: Path, workers: int, batch_size: int, batches: int, image_size: int,
-                        auto_augment: str | None) -> float:
-    """Images/s of ``ImageNetDataModule.train_dataloader()`` over ``batches`` batches after the first (worker start-up)."""
+def loader_images_per_s(
+    data_dir: Path, workers: int, batch_size: int, batches: int, image_size: int, auto_augment: str | None
+) -> float:
+    """Images/s of ``ImageNetDataModule.train_dataloader()`` over ``batches`` batches after the first.
+
+    The first batch is left out: it includes the workers' start-up.
+    """
     dm = ImageNetDataModule(
-        data_dir=str(data_dir), source="folder", image_size=image_size, batch_size=batch_size, num_workers=workers,
-        pin_memory=False, persistent_workers=False, auto_augment=auto_augment,
+        data_dir=str(data_dir),
+        source="folder",
+        image_size=image_size,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=False,
+        auto_augment=auto_augment,
     )
     dm.setup("fit")
     available = len(dm.train_set) // batch_size - 1
@@ -93,8 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=4, help="timed batches per worker count (after one warm-up)")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1",
-                        help="timm RandAugment string of the train transform (the Swin recipe by default)")
+    parser.add_argument(
+        "--auto-augment",
+        default="rand-m9-mstd0.5-inc1",
+        help="timm RandAugment string of the train transform (the Swin recipe by default)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="in-process timings; the median is reported")
     parser.add_argument("--json", type=Path, default=Path("benchmark_loader.json"))
     args = parser.parse_args(argv)
@@ -105,8 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
         data_dir = write_imagenet_folder(Path(tmp), args.generate) if args.generate else args.data_dir
         if not (data_dir / "train").is_dir():
             raise FileNotFoundError(f"{data_dir}/train does not exist; pass an ImageNet folder (train/<wnid>/*.JPEG)")
-        dm = ImageNetDataModule(data_dir=str(data_dir), source="folder", image_size=args.image_size, num_workers=0,
-                                auto_augment=args.auto_augment)
+        dm = ImageNetDataModule(
+            data_dir=str(data_dir),
+            source="folder",
+            image_size=args.image_size,
+            num_workers=0,
+            auto_augment=args.auto_augment,
+        )
         dm.setup("fit")
         count = min(len(dm.train_set), args.batches * args.batch_size)
         torch.manual_seed(0)  # seeds the loader workers
@@ -124,9 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
     width, height = IMAGE_SIZE
     result = {
         "data": str(args.data_dir) if args.data_dir else f"generated: {args.generate} JPEGs {width}x{height}",
-        "image_size": args.image_size, "batch_size": args.batch_size, "auto_augment": args.auto_augment,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "auto_augment": args.auto_augment,
         "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "decode_images_per_s_per_worker": decode,
         "train_transform_images_per_s_per_worker": transform,
         "loader_images_per_s": {str(w): rate for w, rate in loaders.items()},

@@ -41,19 +41,26 @@ from swinlab.models import create_model
 from swinlab.models.flops import flop_counter_mode
 
 COSTS = ("attention_gmacs", "total_gmacs", "peak_mem_mb", "latency_ms")
-LABELS = {"attention_gmacs": "attention GMACs", "total_gmacs": "total GMACs", "peak_mem_mb": "peak memory (MB)",
-          "latency_ms": "forward latency (ms)"}  # fmt: skip
+LABELS = {
+    "attention_gmacs": "attention GMACs",
+    "total_gmacs": "total GMACs",
+    "peak_mem_mb": "peak memory (MB)",
+    "latency_ms": "forward latency (ms)",
+}
 
 
-def swin_t(embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24)) -> nn.Module:
+def swin_t(
+    embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24)
+) -> nn.Module:
     """Swin-T (window 7, 224 px) by default."""
     return create_model("swin_t", embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads))
 
 
 def vit(embed_dim: int = 384, depth: int = 12, num_heads: int = 6) -> nn.Module:
     """DeiT-S by default; ``dynamic_img_size`` interpolates its position embedding to any input size."""
-    return VisionTransformer(img_size=224, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                             dynamic_img_size=True)  # fmt: skip
+    return VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads, dynamic_img_size=True
+    )
 
 
 def is_attention_op(op: object) -> bool:
@@ -144,7 +151,9 @@ def slopes(rows: list[dict]) -> dict[str, dict[str, float]]:
         mine = sorted((row for row in rows if row["model"] == name), key=lambda row: row["pixels"])
         pixels = [row["pixels"] for row in mine]
         result[name] = {cost: loglog_slope(pixels, [row[cost] for row in mine]) for cost in COSTS}
-        result[name].update({f"{cost}_top": loglog_slope(pixels[-2:], [row[cost] for row in mine[-2:]]) for cost in COSTS})
+        result[name].update(
+            {f"{cost}_top": loglog_slope(pixels[-2:], [row[cost] for row in mine[-2:]]) for cost in COSTS}
+        )
     return result
 
 
@@ -158,11 +167,18 @@ def write_outputs(rows: list[dict], out: Path) -> None:
     fits = slopes(rows)
     lines = ["| model | input | attention GMACs | total GMACs | peak memory (MB) | latency (ms) |", "|---" * 6 + "|"]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['size']} | {row['attention_gmacs']:.4g} | {row['total_gmacs']:.4g} | "
-                     f"{row['peak_mem_mb']:.4g} | {row['latency_ms']:.4g} |")  # fmt: skip
-    lines += ["", "Log-log slope of cost against pixel count (1 = linear, 2 = quadratic): over all sizes "
-              "(between the two largest).", "", "| model | " + " | ".join(LABELS[c] for c in COSTS) + " |",
-              "|---" * (len(COSTS) + 1) + "|"]  # fmt: skip
+        lines.append(
+            f"| {row['model']} | {row['size']} | {row['attention_gmacs']:.4g} | {row['total_gmacs']:.4g} | "
+            f"{row['peak_mem_mb']:.4g} | {row['latency_ms']:.4g} |"
+        )
+    lines += [
+        "",
+        "Log-log slope of cost against pixel count (1 = linear, 2 = quadratic): over all sizes "
+        "(between the two largest).",
+        "",
+        "| model | " + " | ".join(LABELS[c] for c in COSTS) + " |",
+        "|---" * (len(COSTS) + 1) + "|",
+    ]
     for name, fit in fits.items():
         lines.append(f"| {name} | " + " | ".join(f"{fit[c]:.2f} ({fit[c + '_top']:.2f})" for c in COSTS) + " |")
     (out / "complexity.md").write_text("\n".join(lines) + "\n")
@@ -181,7 +197,12 @@ def plot(rows: list[dict], fits: dict[str, dict[str, float]], path: Path) -> Non
     for ax, cost in zip(axes.flat, COSTS):
         for name in fits:
             mine = sorted((row for row in rows if row["model"] == name), key=lambda row: row["pixels"])
-            ax.loglog([r["pixels"] for r in mine], [r[cost] for r in mine], "o-", label=f"{name}: slope {fits[name][cost]:.2f}")
+            ax.loglog(
+                [r["pixels"] for r in mine],
+                [r[cost] for r in mine],
+                "o-",
+                label=f"{name}: slope {fits[name][cost]:.2f}",
+            )
         ax.set_xticks([s * s for s in sizes], [f"{s}²" for s in sizes])
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("input pixels")
@@ -198,13 +219,28 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224, 448, 672, 896], help="input side lengths")
     parser.add_argument("--vit-max-size", type=int, default=None, help="skip the ViT above this side (it is quadratic)")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes per point (median)")
-    parser.add_argument("--math-attention", action="store_true",
-                        help="force the unfused attention kernel, which stores the attention matrix (default: fused)")
+    parser.add_argument(
+        "--math-attention",
+        action="store_true",
+        help="force the unfused attention kernel, which stores the attention matrix (default: fused)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/complexity"), help="folder for the csv, md and png")
-    parser.add_argument("--swin-dims", type=int, nargs=3, metavar=("EMBED_DIM", "DEPTH", "HEADS"), default=None,
-                        help="a smaller Swin for quick checks: embed_dim, blocks per stage (4 stages), heads of stage 1")
-    parser.add_argument("--vit-dims", type=int, nargs=3, metavar=("EMBED_DIM", "DEPTH", "HEADS"), default=None,
-                        help="a smaller ViT for quick checks: width, depth, heads")
+    parser.add_argument(
+        "--swin-dims",
+        type=int,
+        nargs=3,
+        metavar=("EMBED_DIM", "DEPTH", "HEADS"),
+        default=None,
+        help="a smaller Swin for quick checks: embed_dim, blocks per stage (4 stages), heads of stage 1",
+    )
+    parser.add_argument(
+        "--vit-dims",
+        type=int,
+        nargs=3,
+        metavar=("EMBED_DIM", "DEPTH", "HEADS"),
+        default=None,
+        help="a smaller ViT for quick checks: width, depth, heads",
+    )
     args = parser.parse_args(argv)
     if min(args.sizes) < 32:
         raise ValueError(f"--sizes must be >= 32 (the ViT patch is 16 and Swin downsamples 32x), got {args.sizes}")
@@ -214,14 +250,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         swin = swin_t(dim, (depth,) * 4, (heads, 2 * heads, 4 * heads, 8 * heads))
     else:
         swin = swin_t()
-    models = {"Swin (window attention)": swin.eval(), "ViT (global attention)": (vit(*args.vit_dims) if args.vit_dims else vit()).eval()}
+    models = {
+        "Swin (window attention)": swin.eval(),
+        "ViT (global attention)": (vit(*args.vit_dims) if args.vit_dims else vit()).eval(),
+    }
     rows = []
     for size in sorted(args.sizes):
         for name, model in models.items():
             if name.startswith("ViT") and args.vit_max_size and size > args.vit_max_size:
                 continue
             rows.append(measure(name, model, size, args.repeats, args.math_attention))
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+            print(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+                flush=True,
+            )
     write_outputs(rows, args.out)
     print(f"wrote {args.out / 'complexity.md'}, .csv and .png")
     return rows

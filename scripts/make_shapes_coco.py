@@ -37,10 +37,18 @@ def shape_polygon(kind: str, cx: float, cy: float, radius: float, rng: random.Ra
     if kind == "rectangle":
         half_w = radius * rng.uniform(0.55, 0.95)
         half_h = radius * rng.uniform(0.55, 0.95)
-        return [(cx - half_w, cy - half_h), (cx + half_w, cy - half_h), (cx + half_w, cy + half_h), (cx - half_w, cy + half_h)]
+        return [
+            (cx - half_w, cy - half_h),
+            (cx + half_w, cy - half_h),
+            (cx + half_w, cy + half_h),
+            (cx - half_w, cy + half_h),
+        ]
     if kind == "triangle":
         start = rng.uniform(0, 2 * math.pi)
-        return [(cx + radius * math.cos(start + k * 2 * math.pi / 3), cy + radius * math.sin(start + k * 2 * math.pi / 3)) for k in range(3)]
+        return [
+            (cx + radius * math.cos(start + k * 2 * math.pi / 3), cy + radius * math.sin(start + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
     raise ValueError(f"unknown shape kind {kind!r}; expected one of {[c['name'] for c in CATEGORIES]}")
 
 
@@ -82,8 +90,15 @@ def make_image(
 
 
 def write_split(
-    out: Path, split: str, num_images: int, rng: random.Random, size: int, max_shapes: int,
-    min_radius: float, max_radius: float, first_id: int,
+    out: Path,
+    split: str,
+    num_images: int,
+    rng: random.Random,
+    size: int,
+    max_shapes: int,
+    min_radius: float,
+    max_radius: float,
+    first_id: int,
 ) -> int:
     """Write ``num_images`` images and ``annotations/instances_{split}.json``; return the next free image id."""
     image_dir = out / split
@@ -97,15 +112,22 @@ def write_split(
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for kind, polygon in shapes:
             xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": category_id[kind],
-                "segmentation": [[round(v, 2) for point in polygon for v in point]],
-                "area": round(polygon_area(polygon), 2),
-                "bbox": [round(min(xs), 2), round(min(ys), 2), round(max(xs) - min(xs), 2), round(max(ys) - min(ys), 2)],
-                "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id[kind],
+                    "segmentation": [[round(v, 2) for point in polygon for v in point]],
+                    "area": round(polygon_area(polygon), 2),
+                    "bbox": [
+                        round(min(xs), 2),
+                        round(min(ys), 2),
+                        round(max(xs) - min(xs), 2),
+                        round(max(ys) - min(ys), 2),
+                    ],
+                    "iscrowd": 0,
+                }
+            )
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     payload = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(payload))
@@ -114,7 +136,9 @@ def write_split(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/shapes_coco"), help="output folder (default: %(default)s)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/shapes_coco"), help="output folder (default: %(default)s)"
+    )
     parser.add_argument("--num-train", type=int, default=600, help="training images (default: %(default)s)")
     parser.add_argument("--num-val", type=int, default=100, help="validation images (default: %(default)s)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")

@@ -2,7 +2,8 @@
 
 Each image shows a few non-overlapping filled circles, squares and triangles on a muted textured background;
 each class has its own hue band (reddish circles, greenish squares, bluish triangles) so a small model trained
-from scratch on 2 CPU cores learns it in minutes. Label maps follow ADE20K's convention so the same data module and ``reduce_zero_label`` apply: 0 = "other"
+from scratch on 2 CPU cores learns it in minutes. Label maps follow ADE20K's convention so the same data module
+and ``reduce_zero_label`` apply: 0 = "other"
 (a 2-pixel band on every shape outline, ignored in training and scoring), 1 = background, 2 = circle,
 3 = square, 4 = triangle. Run with no arguments it writes ``data/shapes_segmentation``, which
 ``configs/segmentation/quickstart_shapes.yaml`` reads.
@@ -53,7 +54,9 @@ def _shape_outline(kind: str, centre: np.ndarray, radius: float, rng: np.random.
     return [(cx + radius * np.cos(a), cy + radius * np.sin(a)) for a in corners]
 
 
-def _place(rng: np.random.Generator, size: int, placed: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, float] | None:
+def _place(
+    rng: np.random.Generator, size: int, placed: list[tuple[np.ndarray, float]]
+) -> tuple[np.ndarray, float] | None:
     """A centre and circumradius whose circle keeps clear of the shapes already placed (None after 30 tries)."""
     for _ in range(30):
         radius = rng.uniform(0.1, 0.25) * size

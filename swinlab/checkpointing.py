@@ -85,11 +85,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(target.parent)
 
     def load_checkpoint(
-        self, path: str | Path, map_location: Any | None = lambda storage, loc: storage, weights_only: bool | None = None
+        self,
+        path: str | Path,
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
     ) -> dict[str, Any]:
         fs = get_filesystem(path)
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint file {path} does not exist; check --ckpt_path")
         if "://" in str(path) and not str(path).startswith("file://"):
-            return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+            return super().load_checkpoint(
+                path, map_location, weights_only=True if weights_only is None else weights_only
+            )
         return load_checkpoint_safely(str(path).removeprefix("file://"), map_location, weights_only)

@@ -8,7 +8,6 @@ from datetime import timedelta
 from typing import Any
 
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
-
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -131,7 +130,7 @@ class SwinLabCLI(LightningCLI):
         return trainer
 
     def _resume_checkpoint(self) -> list[ModelCheckpoint]:
-        """A second ``ModelCheckpoint`` that only refreshes ``last.ckpt`` in the same folder, every N steps or minutes."""
+        """A second ``ModelCheckpoint`` refreshing only ``last.ckpt`` in the same folder, every N steps or minutes."""
         config = self._subcommand_config()
         steps, minutes = config.checkpoint_every_n_steps, config.checkpoint_every_minutes
         if self.subcommand not in (None, "fit") or (steps is None and minutes is None):
@@ -142,7 +141,11 @@ class SwinLabCLI(LightningCLI):
         interval = {"every_n_train_steps": steps} if steps else {"train_time_interval": timedelta(minutes=minutes)}
         return [
             ModelCheckpoint(
-                dirpath=config.checkpoint.dirpath, save_top_k=0, save_last=True, enable_version_counter=False, **interval
+                dirpath=config.checkpoint.dirpath,
+                save_top_k=0,
+                save_last=True,
+                enable_version_counter=False,
+                **interval,
             )
         ]
 

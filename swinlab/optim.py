@@ -84,7 +84,7 @@ class WarmupLR(LambdaLR):
             raise ValueError(f"warm-up must be >= 0, got warmup_epochs={warmup_epochs}, warmup_iters={warmup_iters}")
         self.decay = decay
         self.total_steps = max(1, int(total_steps))
-        self.warmup_steps = int(warmup_iters) + int(round(warmup_epochs * steps_per_epoch))
+        self.warmup_steps = int(warmup_iters) + round(warmup_epochs * steps_per_epoch)
         self.warmup_factor = warmup_factor
         self.min_lr_factor = min_lr_factor
         self.power = power

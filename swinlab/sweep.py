@@ -148,10 +148,17 @@ def run_point(
     metric = checkpoint.monitor if checkpoint is not None else None
     best = checkpoint.best_model_score if checkpoint is not None else None
     row: dict[str, Any] = {
-        "point": run_dir.parent.name, "seed": seed, "overrides": overrides, "metric": metric,
-        "best": None if best is None else float(best), "params_m": None, "gmacs": None, "images_per_s": None,
-        "wall_s": round(wall, 1), "epochs": trainer.current_epoch,
-    }  # fmt: skip
+        "point": run_dir.parent.name,
+        "seed": seed,
+        "overrides": overrides,
+        "metric": metric,
+        "best": None if best is None else float(best),
+        "params_m": None,
+        "gmacs": None,
+        "images_per_s": None,
+        "wall_s": round(wall, 1),
+        "epochs": trainer.current_epoch,
+    }
     backbone = getattr(cli.model, "backbone", None)
     input_size = backbone_input_size(backbone) if backbone is not None else None
     if input_size is not None:
@@ -183,14 +190,20 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for point, group in itertools.groupby(rows, key=lambda row: row["point"]):
         group = list(group)
         values = [row["best"] for row in group if row["best"] is not None]
-        summary.append({
-            "point": point, "seeds": len(group), "metric": group[0]["metric"], "values": values,
-            "mean": statistics.mean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None,
-            "params_m": group[0]["params_m"], "gmacs": group[0]["gmacs"],
-            "images_per_s": statistics.mean(r["images_per_s"] for r in group) if group[0]["images_per_s"] else None,
-            "wall_s": statistics.mean(row["wall_s"] for row in group),
-        })  # fmt: skip
+        summary.append(
+            {
+                "point": point,
+                "seeds": len(group),
+                "metric": group[0]["metric"],
+                "values": values,
+                "mean": statistics.mean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+                "params_m": group[0]["params_m"],
+                "gmacs": group[0]["gmacs"],
+                "images_per_s": statistics.mean(r["images_per_s"] for r in group) if group[0]["images_per_s"] else None,
+                "wall_s": statistics.mean(row["wall_s"] for row in group),
+            }
+        )
     return summary
 
 
@@ -202,16 +215,27 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             writer.writerow([_fmt(row[c], ".6g") for c in COLUMNS] + [json.dumps(row["overrides"])])
     summary = summarize(rows)
-    lines = ["## Runs", "", "| point | seed | best " + (rows[0]["metric"] or "metric") + " | params (M) | GMACs | "
-             "images/s | wall (s) | epochs | overrides |", "|---" * 9 + "|"]  # fmt: skip
+    lines = [
+        "## Runs",
+        "",
+        "| point | seed | best " + (rows[0]["metric"] or "metric") + " | params (M) | GMACs | "
+        "images/s | wall (s) | epochs | overrides |",
+        "|---" * 9 + "|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['point']} | {row['seed']} | {_fmt(row['best'], '.4f')} | {_fmt(row['params_m'])} | "
-            f"{_fmt(row['gmacs'], '.4g')} | {_fmt(row['images_per_s'], '.0f')} | {_fmt(row['wall_s'], '.0f')} | {row['epochs']} | "
+            f"{_fmt(row['gmacs'], '.4g')} | {_fmt(row['images_per_s'], '.0f')} | "
+            f"{_fmt(row['wall_s'], '.0f')} | {row['epochs']} | "
             f"`{json.dumps(row['overrides'])}` |"
         )
-    lines += ["", "## Mean +- std over seeds", "", "| point | seeds | best (mean +- std) | params (M) | GMACs | "
-              "images/s | wall (s) |", "|---" * 7 + "|"]  # fmt: skip
+    lines += [
+        "",
+        "## Mean +- std over seeds",
+        "",
+        "| point | seeds | best (mean +- std) | params (M) | GMACs | images/s | wall (s) |",
+        "|---" * 7 + "|",
+    ]
     for s in summary:
         spread = f"{s['mean']:.4f} +- {s['std']:.4f}" if s["std"] is not None else _fmt(s["mean"], ".4f")
         lines.append(
@@ -273,7 +297,12 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[dict[str, Any], str
     if len(set(names)) != len(names):
         raise ValueError(f"{args.grid}: two points have the same overrides: {names}")
     out_dir = args.out or Path("runs") / "sweeps" / args.grid.stem
-    todo = [(p, n, s) for s in seeds for p, n in zip(points, names) if not (out_dir / n / f"seed{s}" / RESULT_FILE).is_file()]
+    todo = [
+        (p, n, s)
+        for s in seeds
+        for p, n in zip(points, names)
+        if not (out_dir / n / f"seed{s}" / RESULT_FILE).is_file()
+    ]
     print(f"sweep {args.grid}: {len(points)} points x {len(seeds)} seeds, {len(todo)} to run, output {out_dir}")
     return out_dir, todo
 

@@ -54,7 +54,8 @@ def backbone_problems(backbone: Any, backbone_kwargs: dict[str, Any] | None, pre
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         if window > min(grid):
             return [
-                f"{prefix}.backbone_kwargs.window_size={window} is larger than the first feature map {grid[0]}x{grid[1]} "
+                f"{prefix}.backbone_kwargs.window_size={window} is larger than the first feature map "
+                f"{grid[0]}x{grid[1]} "
                 f"(img_size {img_size[0]}x{img_size[1]} / patch_size {patch_size}); set window_size <= {min(grid)}, "
                 "a larger img_size or a smaller patch_size, or clip_window_to_feature: true"
             ]
@@ -94,7 +95,9 @@ def validate_run_config(config: Any, subcommand: str | None = None) -> None:
     problems: list[str] = []
     model_args = _get(_get(config, "model"), "init_args")
     if _get(model_args, "backbone") is not None:
-        problems += backbone_problems(_get(model_args, "backbone"), _get(model_args, "backbone_kwargs"), "model.init_args")
+        problems += backbone_problems(
+            _get(model_args, "backbone"), _get(model_args, "backbone_kwargs"), "model.init_args"
+        )
     if _get(model_args, "optimizer") is not None:
         problems += optimizer_problems(_get(model_args, "optimizer"), "model.init_args.optimizer")
     problems += data_problems(_get(config, "data"), subcommand)

@@ -81,12 +81,11 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def load_script(name: str) -> ModuleType:
-    """``load_script("make_shapes_coco")`` imports ``scripts/make_shapes_coco.py`` as a module (scripts/ is no package)."""
+    """``load_script("make_shapes_coco")`` imports ``scripts/make_shapes_coco.py`` (scripts/ is no package)."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
 
 
 def official_layout(state: dict, config: str = "swin_tiny_patch4_window7_224") -> dict:

@@ -22,8 +22,11 @@ def tiny_model_args(tiny_swin: dict, **overrides) -> list[str]:
 
 
 def fashion_args(fashion_mnist_dir: Path, tiny_swin: dict) -> list[str]:
-    data = [f"--data.init_args.data_dir={fashion_mnist_dir}", "--data.init_args.val_size=8",
-            "--data.init_args.batch_size=4"]  # fmt: skip
+    data = [
+        f"--data.init_args.data_dir={fashion_mnist_dir}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=4",
+    ]
     return ["--config", str(QUICKSTART), *CPU, *data, *tiny_model_args(tiny_swin, in_chans=1)]
 
 
@@ -55,12 +58,19 @@ def test_every_classification_config_fits(config, tiny_swin, image_folder, fashi
     args = ["fit", "--config", str(config), *CPU, "--trainer.fast_dev_run=true"]
     args += [f"--trainer.default_root_dir={tmp_path}"]
     if "fashion_mnist" in config.name:
-        args += [f"--data.init_args.data_dir={fashion_mnist_dir}", "--data.init_args.val_size=8",
-                 "--data.init_args.batch_size=4"]  # fmt: skip
+        args += [
+            f"--data.init_args.data_dir={fashion_mnist_dir}",
+            "--data.init_args.val_size=8",
+            "--data.init_args.batch_size=4",
+        ]
         args += tiny_model_args(tiny_swin, in_chans=1)
     else:
-        args += [f"--data.init_args.data_dir={image_folder}", "--data.init_args.batch_size=4",
-                 "--data.init_args.num_workers=0", "--data.init_args.pin_memory=false"]  # fmt: skip
+        args += [
+            f"--data.init_args.data_dir={image_folder}",
+            "--data.init_args.batch_size=4",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.pin_memory=false",
+        ]
         if "finetune" in config.name:
             # A 32x32 / window-4 checkpoint fine-tuned at 64x64 / window 8: the bias tables are interpolated.
             checkpoint = tmp_path / "tiny_224.pth"
@@ -73,9 +83,14 @@ def test_every_classification_config_fits(config, tiny_swin, image_folder, fashi
 
 
 def test_fit_then_test_and_predict_from_the_checkpoint_folder(tiny_swin, fashion_mnist_dir, predict_folder, tmp_path):
-    common = [*fashion_args(fashion_mnist_dir, tiny_swin), f"--trainer.default_root_dir={tmp_path}",
-              "--trainer.enable_progress_bar=false"]  # fmt: skip
-    cli = main(["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1"])
+    common = [
+        *fashion_args(fashion_mnist_dir, tiny_swin),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    cli = main(
+        ["fit", *common, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.log_every_n_steps=1"]
+    )
     # test_after_fit and ``--ckpt_path best`` use the monitored checkpoint, not the periodic last-only one
     assert cli.trainer.checkpoint_callback.monitor == "val/top1"
     assert cli.trainer.checkpoint_callback.best_model_path.endswith(".ckpt")
@@ -95,8 +110,11 @@ def test_fit_then_test_and_predict_from_the_checkpoint_folder(tiny_swin, fashion
 
 
 def test_num_classes_is_linked_from_the_data_module(tiny_swin, image_folder, fashion_mnist_dir, tmp_path):
-    data = [f"--data.init_args.data_dir={image_folder}", "--data.init_args.image_size=32",
-            "--data.init_args.num_workers=0"]  # fmt: skip
+    data = [
+        f"--data.init_args.data_dir={image_folder}",
+        "--data.init_args.image_size=32",
+        "--data.init_args.num_workers=0",
+    ]
     config = ROOT / "configs" / "classification" / "swin_t_imagenet1k.yaml"
     root = f"--trainer.default_root_dir={tmp_path}"
     cli = main(["--config", str(config), *CPU, *data, *tiny_model_args(tiny_swin), root], run=False)
@@ -109,15 +127,21 @@ def test_num_classes_is_linked_from_the_data_module(tiny_swin, image_folder, fas
 
 
 def test_ddp_fit_and_predict_on_two_cpu_processes(tiny_swin, fashion_mnist_dir, predict_folder, tmp_path):
-    common = [*fashion_args(fashion_mnist_dir, tiny_swin), f"--trainer.default_root_dir={tmp_path}",
-              "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    common = [
+        *fashion_args(fashion_mnist_dir, tiny_swin),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.strategy=ddp",
+        "--trainer.devices=2",
+        "--trainer.enable_progress_bar=false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
     for args in (
         ["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"],
         ["predict", *common, "--ckpt_path=last", f"--data.init_args.predict_dir={predict_folder}"],
     ):
-        done = subprocess.run([sys.executable, "-m", "swinlab", *args], env=env, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "swinlab", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     rows = read_metrics(tmp_path)
     assert any(row["val/top1"] for row in rows) and any(row["test/top1"] for row in rows)

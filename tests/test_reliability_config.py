@@ -15,27 +15,57 @@ QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yam
 
 def fit_args(data_dir: Path, root: Path, backbone: dict) -> list[str]:
     return [
-        "fit", "--config", str(QUICKSTART), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}",
-        "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
-        "--test_after_fit=false", f"--data.init_args.data_dir={data_dir}", "--data.init_args.val_size=8",
-        "--data.init_args.batch_size=4", f"--model.init_args.backbone_kwargs={json.dumps(backbone)}",
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false",
+        f"--data.init_args.data_dir={data_dir}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=4",
+        f"--model.init_args.backbone_kwargs={json.dumps(backbone)}",
+    ]
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (["--model.init_args.backbone=swin_x"], r"model\.init_args\.backbone='swin_x' is not a registered model; choose one of .*swin_t"),
-        (["--model.init_args.backbone_kwargs.window_size=32"], r"model\.init_args\.backbone_kwargs\.window_size=32 is larger than the first feature map 16x16 .*set window_size <= 16"),
-        (["--model.init_args.backbone_kwargs.embed_dim=24"], r"model\.init_args\.backbone_kwargs: embed_dim=24 gives 48 channels in stage 1, not divisible by num_heads\[1\]=5"),
+        (
+            ["--model.init_args.backbone=swin_x"],
+            r"model\.init_args\.backbone='swin_x' is not a registered model; choose one of .*swin_t",
+        ),
+        (
+            ["--model.init_args.backbone_kwargs.window_size=32"],
+            r"model\.init_args\.backbone_kwargs\.window_size=32 is larger than the first feature map 16x16 "
+            r".*set window_size <= 16",
+        ),
+        (
+            ["--model.init_args.backbone_kwargs.embed_dim=24"],
+            r"model\.init_args\.backbone_kwargs: embed_dim=24 gives 48 channels in stage 1, "
+            r"not divisible by num_heads\[1\]=5",
+        ),
         (["--model.init_args.optimizer.init_args.lr=0"], r"model\.init_args\.optimizer\.init_args\.lr=0.* must be > 0"),
-        (["--data.init_args.data_dir=/no/such/folder"], r"data\.init_args\.data_dir='/no/such/folder' is not a folder; pass --data\.init_args\.data_dir="),
-        (["--model.init_args.num_classes=5"], r"model\.init_args\.num_classes=5 but the data has 10 classes .*drop model\.init_args\.num_classes"),
+        (
+            ["--data.init_args.data_dir=/no/such/folder"],
+            r"data\.init_args\.data_dir='/no/such/folder' is not a folder; pass --data\.init_args\.data_dir=",
+        ),
+        (
+            ["--model.init_args.num_classes=5"],
+            r"model\.init_args\.num_classes=5 but the data has 10 classes .*drop model\.init_args\.num_classes",
+        ),
     ],
     ids=["unknown-backbone", "window-too-large", "heads", "lr", "data-dir", "num-classes"],
 )
 def test_bad_config_is_named_before_training(override, message, fashion_mnist_dir, tiny_swin, tmp_path):
-    backbone = {**tiny_swin, "in_chans": 1, "num_heads": [1, 5] if "embed_dim=24" in override[0] else tiny_swin["num_heads"]}
+    backbone = {
+        **tiny_swin,
+        "in_chans": 1,
+        "num_heads": [1, 5] if "embed_dim=24" in override[0] else tiny_swin["num_heads"],
+    }
     with pytest.raises(ConfigError, match=message):
         main([*fit_args(fashion_mnist_dir, tmp_path, backbone), *override])
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "lightning_logs").exists()
@@ -51,7 +81,11 @@ def test_every_problem_is_listed_in_one_error(fashion_mnist_dir, tiny_swin, tmp_
 def test_checkpoint_for_other_classes_is_refused_before_training(fashion_mnist_dir, tiny_swin, tmp_path):
     checkpoint = tmp_path / "other.ckpt"
     backbone = {**tiny_swin, "in_chans": 1}
-    hyper_parameters = {"_class_path": "swinlab.tasks.ClassificationTask", "num_classes": 3, "backbone_kwargs": backbone}
+    hyper_parameters = {
+        "_class_path": "swinlab.tasks.ClassificationTask",
+        "num_classes": 3,
+        "backbone_kwargs": backbone,
+    }
     torch.save({"hyper_parameters": hyper_parameters, "state_dict": {}}, checkpoint)
     args = fit_args(fashion_mnist_dir, tmp_path / "run", backbone)
     with pytest.raises(ConfigError, match=r"other\.ckpt was trained with num_classes=3 but the data has 10 classes"):

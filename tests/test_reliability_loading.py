@@ -56,10 +56,16 @@ def test_checkpoint_io_refuses_a_pickle_that_runs_code(crafted):
 def test_resuming_from_a_pickle_that_runs_code_is_refused(crafted, fashion_mnist_dir, tiny_swin, tmp_path):
     path, marker = crafted
     args = [
-        "fit", "--config", str(QUICKSTART), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}",
-        f"--data.init_args.data_dir={fashion_mnist_dir}", "--data.init_args.val_size=8",
-        f"--model.init_args.backbone_kwargs={json.dumps({**tiny_swin, 'in_chans': 1})}", f"--ckpt_path={path}",
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.data_dir={fashion_mnist_dir}",
+        "--data.init_args.val_size=8",
+        f"--model.init_args.backbone_kwargs={json.dumps({**tiny_swin, 'in_chans': 1})}",
+        f"--ckpt_path={path}",
+    ]
     # LightningCLI reads the checkpoint's hyper-parameters (weights_only=True) before the run; the trainer's
     # AtomicCheckpointIO would refuse it next.
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):

@@ -39,12 +39,19 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(fashion_mnist_di
     guard, weights = NonFiniteLossGuard(max_consecutive=3), WeightsAfterEachBatch()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=0, save_last=True, every_n_train_steps=1)
     trainer = Trainer(
-        accelerator="cpu", max_steps=20, limit_val_batches=0, logger=False, enable_progress_bar=False,
-        callbacks=[guard, weights, checkpoint], plugins=[AtomicCheckpointIO()],
-    )  # fmt: skip
-    with pytest.warns(UserWarning, match=r"loss nan at epoch 0, step 1: optimizer step skipped \(1 in a row"):
-        with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row .* holds the last good weights"):
-            trainer.fit(model, data)
+        accelerator="cpu",
+        max_steps=20,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[guard, weights, checkpoint],
+        plugins=[AtomicCheckpointIO()],
+    )
+    with (
+        pytest.warns(UserWarning, match=r"loss nan at epoch 0, step 1: optimizer step skipped \(1 in a row"),
+        pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row .* holds the last good weights"),
+    ):
+        trainer.fit(model, data)
 
     # Batches 0..5 ended (batch 6 raised): steps 1, 2 and 4, 5 left the weights as they were.
     assert len(weights.weights) == 6 and guard.skipped == 5

@@ -38,25 +38,45 @@ def run_args(fashion_mnist_dir: Path, tiny_swin: dict, root: Path) -> list[str]:
     of 8 steps, last.ckpt every 3 steps."""
     backbone = {**tiny_swin, "in_chans": 1}
     return [
-        "fit", "--config", str(QUICKSTART), "--trainer.accelerator=cpu", "--trainer.devices=1",
-        "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
-        "--trainer.num_sanity_val_steps=0", "--test_after_fit=false", "--checkpoint_every_n_steps=3",
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.num_sanity_val_steps=0",
+        "--test_after_fit=false",
+        "--checkpoint_every_n_steps=3",
         "--checkpoint.monitor=null",
-        f"--model.init_args.backbone_kwargs={json.dumps(backbone)}", f"--data.init_args.data_dir={fashion_mnist_dir}",
-        "--data.init_args.val_size=8", "--data.init_args.batch_size=4", "--data.init_args.augment=false",
-        "--data.init_args.num_workers=0", "--data.init_args.persistent_workers=false",
-    ]  # fmt: skip
+        f"--model.init_args.backbone_kwargs={json.dumps(backbone)}",
+        f"--data.init_args.data_dir={fashion_mnist_dir}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.augment=false",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.persistent_workers=false",
+    ]
 
 
 def run_until_signal(args: list[str], step: int, signum: int, cwd: Path) -> subprocess.CompletedProcess:
     callback = {"class_path": "test_reliability_resume.SignalAtStep", "init_args": {"step": step, "signum": signum}}
     # As many threads as this process, so the float sums (and so the weights) match bit for bit.
     threads = str(torch.get_num_threads())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]), "OMP_NUM_THREADS": threads}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(ROOT)]),
+        "OMP_NUM_THREADS": threads,
+    }
     return subprocess.run(
         [sys.executable, "-m", "swinlab", *args, f"--trainer.callbacks+={json.dumps(callback)}"],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def last_checkpoint(root: Path) -> dict:
@@ -86,7 +106,9 @@ def uninterrupted(data_dir, tmp_path_factory) -> dict:
     [(signal.SIGKILL, 7, 6, -signal.SIGKILL), (signal.SIGKILL, 9, 8, -signal.SIGKILL), (signal.SIGTERM, 5, 5, 0)],
     ids=["sigkill-mid-epoch", "sigkill-after-epoch-end", "sigterm"],
 )
-def test_killed_run_resumes_to_the_same_weights(signum, step, saved_step, returncode, uninterrupted, data_dir, tmp_path):
+def test_killed_run_resumes_to_the_same_weights(
+    signum, step, saved_step, returncode, uninterrupted, data_dir, tmp_path
+):
     root = tmp_path / "killed"
     args = run_args(data_dir, TINY_SWIN, root)
     done = run_until_signal(args, step, signum, tmp_path)
@@ -95,9 +117,7 @@ def test_killed_run_resumes_to_the_same_weights(signum, step, saved_step, return
     # SIGKILL: the periodic save of step 6, or the end-of-epoch save of step 8; SIGTERM: a save after the batch
     # that was running.
     assert saved["global_step"] == saved_step and saved["epoch"] == 0
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 0, "batches_consumed": saved_step}
-    ]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches_consumed": saved_step}]
 
     main([*args, "--ckpt_path=last"])
     resumed = last_checkpoint(root)
@@ -107,7 +127,9 @@ def test_killed_run_resumes_to_the_same_weights(signum, step, saved_step, return
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
     assert resumed["lr_schedulers"][0]["last_epoch"] == uninterrupted["lr_schedulers"][0]["last_epoch"]
     first_moment = [state["exp_avg"] for state in uninterrupted["optimizer_states"][0]["state"].values()]
-    for value, resumed_value in zip(first_moment, (s["exp_avg"] for s in resumed["optimizer_states"][0]["state"].values())):
+    for value, resumed_value in zip(
+        first_moment, (s["exp_avg"] for s in resumed["optimizer_states"][0]["state"].values())
+    ):
         torch.testing.assert_close(resumed_value, value, rtol=0, atol=0)
 
 

@@ -16,16 +16,35 @@ CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=
 
 def test_sweep_runs_resumes_and_writes_its_table(tmp_path, fashion_mnist_dir, tiny_swin, capsys):
     grid = tmp_path / "grid.yaml"
-    grid.write_text(yaml.safe_dump({"seeds": [3], "points": [
-        {"model.init_args.backbone_kwargs.shift": True},
-        {"model.init_args.backbone_kwargs.shift": False},
-    ]}))  # fmt: skip
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "seeds": [3],
+                "points": [
+                    {"model.init_args.backbone_kwargs.shift": True},
+                    {"model.init_args.backbone_kwargs.shift": False},
+                ],
+            }
+        )
+    )
     out = tmp_path / "sweep"
-    args = ["--config", str(QUICKSTART), "--grid", str(grid), "--out", str(out), *CPU,
-            f"--data.init_args.data_dir={fashion_mnist_dir}", "--data.init_args.val_size=8",
-            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
-            "--data.init_args.persistent_workers=false", "--trainer.max_epochs=1", "--test_after_fit=false",
-            f"--model.init_args.backbone_kwargs={json.dumps({**tiny_swin, 'in_chans': 1})}"]  # fmt: skip
+    args = [
+        "--config",
+        str(QUICKSTART),
+        "--grid",
+        str(grid),
+        "--out",
+        str(out),
+        *CPU,
+        f"--data.init_args.data_dir={fashion_mnist_dir}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.persistent_workers=false",
+        "--trainer.max_epochs=1",
+        "--test_after_fit=false",
+        f"--model.init_args.backbone_kwargs={json.dumps({**tiny_swin, 'in_chans': 1})}",
+    ]
     assert sweep.main(args) == 0
 
     with open(out / "results.csv") as f:
@@ -67,9 +86,24 @@ def test_bad_grid_names_the_file_and_key(tmp_path):
 def test_python_m_swinlab_sweep_dispatches_and_reports_bad_input(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("seeds: [0, 1]\npoints: [{model.init_args.backbone_kwargs.shift: false}]\n")
-    command = [sys.executable, "-m", "swinlab", "sweep", "--config", str(QUICKSTART), "--grid", str(grid),
-               "--out", str(tmp_path / "out"), "--seeds", "1", "--dry-run"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "swinlab",
+        "sweep",
+        "--config",
+        str(QUICKSTART),
+        "--grid",
+        str(grid),
+        "--out",
+        str(tmp_path / "out"),
+        "--seeds",
+        "1",
+        "--dry-run",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0 and "1 points x 1 seeds, 1 to run" in done.stdout and "shift=false seed 1" in done.stdout
+    assert (
+        done.returncode == 0 and "1 points x 1 seeds, 1 to run" in done.stdout and "shift=false seed 1" in done.stdout
+    )
     with pytest.raises(SystemExit, match=r"sweep: --seeds \[7\] are not in the grid's seeds \[0, 1\]"):
-        sweep.main(command[4:-3] + ["--seeds", "7"])
+        sweep.main([*command[4:-3], "--seeds", "7"])

@@ -2,7 +2,7 @@
 
 __all__: list[str] = []
 
-from swinlab.data.coco import COCODataModule  # noqa: E402
+from swinlab.data.coco import COCODataModule
 
 __all__ += ["COCODataModule"]
 

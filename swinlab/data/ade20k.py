@@ -42,23 +42,157 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # mmsegmentation's ADE20KDataset.CLASSES: label k in the annotation files is class k - 1 here.
 ADE20K_CLASSES: tuple[str, ...] = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag",
-)  # fmt: skip
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
+)
 
 Split = Literal["training", "validation"]
 
@@ -73,7 +207,9 @@ def reduce_zero_label(mask: torch.Tensor) -> torch.Tensor:
 def _label_map_tensor(label_image: Image.Image, name: str) -> torch.Tensor:
     # PIL, not torchvision: palette ("P") PNGs must give the palette indices, not colours.
     if label_image.mode not in ("L", "P", "I;16", "I"):
-        raise BadSampleError(f"{name}: a label map must be a single-channel PNG (mode L or P), got mode {label_image.mode}")
+        raise BadSampleError(
+            f"{name}: a label map must be a single-channel PNG (mode L or P), got mode {label_image.mode}"
+        )
     try:
         array = np.asarray(label_image)
     except (OSError, ValueError, SyntaxError) as err:
@@ -89,7 +225,9 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class SegmentationFolder(Dataset):
-    """``images/{split}/<stem>.jpg`` with ``annotations/{split}/<stem>.png``; items are (uint8 (3, H, W), uint8 (H, W), name).
+    """``images/{split}/<stem>.jpg`` with ``annotations/{split}/<stem>.png``.
+
+    Items are (uint8 (3, H, W), uint8 (H, W), name).
 
     Images without a label map are left out with a warning naming them (``on_bad_sample="skip"``) or raise.
     """
@@ -109,7 +247,10 @@ class SegmentationFolder(Dataset):
         self.labels = [label_dir / f"{p.stem}.png" for p in self.images]
         missing = [str(p) for p in self.labels if not p.is_file()]
         if missing:
-            message = f"{len(missing)} images in {image_dir} have no label map, e.g. {missing[0]} (expected the same stem, .png)"
+            message = (
+                f"{len(missing)} images in {image_dir} have no label map, e.g. {missing[0]} "
+                "(expected the same stem, .png)"
+            )
             if on_bad_sample == "raise" or len(missing) == len(self.labels):
                 raise FileNotFoundError(message)
             logger.warning("%s; on_bad_sample=skip leaves them out: %s", message, ", ".join(missing))
@@ -197,9 +338,15 @@ class _Labelled(Dataset):
     that fails (unreadable, sizes differ, label beyond the classes) is handled as ``on_bad_sample`` says."""
 
     def __init__(
-        self, source: Dataset, num_classes: int, reduce_zero: bool, transform: Any, train: bool, keep_raw: bool = False,
+        self,
+        source: Dataset,
+        num_classes: int,
+        reduce_zero: bool,
+        transform: Any,
+        train: bool,
+        keep_raw: bool = False,
         on_bad_sample: OnBadSample = "skip",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.source, self.num_classes, self.reduce_zero = source, num_classes, reduce_zero
         self.transform, self.train, self.keep_raw = transform, train, keep_raw
         self.guard = BadSampleGuard(on_bad_sample)
@@ -300,9 +447,13 @@ class ADE20KDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.predict_dir = predict_dir
         self.train_transform = SegmentationTrainTransform(
-            crop_size=crop_size, scale=scale, ratio_range=ratio_range, cat_max_ratio=cat_max_ratio,
-            photometric=photometric, ignore_index=IGNORE_INDEX,
-        )  # fmt: skip
+            crop_size=crop_size,
+            scale=scale,
+            ratio_range=ratio_range,
+            cat_max_ratio=cat_max_ratio,
+            photometric=photometric,
+            ignore_index=IGNORE_INDEX,
+        )
         self.eval_transform = SegmentationEvalTransform(scale=test_scale)
         self.datasets: dict[str, Dataset] = {}
 
@@ -347,7 +498,9 @@ class ADE20KDataModule(LightningDataModule):
             self.datasets["val"] = self._labelled("validation", train=False)
         if stage == "predict":
             if self.predict_dir is not None:
-                self.datasets["predict"] = _Unlabelled(ImageFolder(self.predict_dir, self.on_bad_sample), self.eval_transform)
+                self.datasets["predict"] = _Unlabelled(
+                    ImageFolder(self.predict_dir, self.on_bad_sample), self.eval_transform
+                )
             else:
                 self.datasets["predict"] = self._labelled("validation", train=False, keep_raw=True)
 

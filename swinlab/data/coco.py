@@ -63,8 +63,13 @@ def _valid_box(x1: float, y1: float, x2: float, y2: float) -> bool:
 
 
 def _make_target(
-    boxes: list[list[float]], labels: list[int], iscrowd: list[int], area: list[float], image_id: int,
-    size: tuple[int, int], masks: np.ndarray | None,
+    boxes: list[list[float]],
+    labels: list[int],
+    iscrowd: list[int],
+    area: list[float],
+    image_id: int,
+    size: tuple[int, int],
+    masks: np.ndarray | None,
 ) -> dict[str, Any]:
     target: dict[str, Any] = {
         "boxes": tv_tensors.BoundingBoxes(
@@ -171,7 +176,13 @@ class CocoJsonDetection(Dataset):
             self.dropped_boxes += len(dropped)
             logger.warning(
                 "%s: dropped %d boxes that lie outside the %dx%d image (annotation ids %s in %s; %d dropped so far)",
-                path, len(dropped), width, height, dropped, self.annotation_file, self.dropped_boxes,
+                path,
+                len(dropped),
+                width,
+                height,
+                dropped,
+                self.annotation_file,
+                self.dropped_boxes,
             )
         masks = None
         if self.masks:
@@ -370,7 +381,8 @@ class COCODataModule(LightningDataModule):
             path = self.annotation_file(self.val_split)
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"{path} not found; a COCO root holds {self.val_split}/ and annotations/instances_{self.val_split}.json"
+                    f"{path} not found; a COCO root holds {self.val_split}/ and "
+                    f"annotations/instances_{self.val_split}.json"
                 )
             categories = sorted(json.loads(path.read_text()).get("categories", []), key=lambda c: c["id"])
             if not categories:
@@ -395,12 +407,23 @@ class COCODataModule(LightningDataModule):
         transforms = detection_transforms(train, self.flip_prob)
         if self.source == "coco":
             return CocoJsonDetection(
-                self.root / split, self.annotation_file(split), self.category_ids, masks=self.masks,
-                drop_crowd=train, skip_empty=train, transforms=transforms, on_bad_sample=self.on_bad_sample,
+                self.root / split,
+                self.annotation_file(split),
+                self.category_ids,
+                masks=self.masks,
+                drop_crowd=train,
+                skip_empty=train,
+                transforms=transforms,
+                on_bad_sample=self.on_bad_sample,
             )
         return HFDetection(
-            _load_hf_split(self.root, split), self.hf_bbox_format, drop_crowd=train, skip_empty=train,
-            transforms=transforms, source=f"{self.root} [{split}]", on_bad_sample=self.on_bad_sample,
+            _load_hf_split(self.root, split),
+            self.hf_bbox_format,
+            drop_crowd=train,
+            skip_empty=train,
+            transforms=transforms,
+            source=f"{self.root} [{split}]",
+            on_bad_sample=self.on_bad_sample,
         )
 
     def setup(self, stage: str) -> None:
@@ -410,8 +433,12 @@ class COCODataModule(LightningDataModule):
             self.val_set = self._dataset(self.val_split, train=False)
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        kwargs = {"num_workers": self.num_workers, "collate_fn": collate_detection,
-                  "persistent_workers": self.num_workers > 0, "drop_last": False}  # fmt: skip
+        kwargs = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate_detection,
+            "persistent_workers": self.num_workers > 0,
+            "drop_last": False,
+        }
         if shuffle:
             return ResumableDataLoader(dataset, batch_size, **kwargs)
         return DataLoader(dataset, batch_size=batch_size, **kwargs)

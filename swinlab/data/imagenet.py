@@ -124,8 +124,12 @@ class ClassificationDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, split: str, train: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {split} set; setup() did not build one")
-        kwargs = {"drop_last": train, "num_workers": self.num_workers, "pin_memory": self.pin_memory,
-                  "persistent_workers": self.persistent_workers}  # fmt: skip
+        kwargs = {
+            "drop_last": train,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }
         if train:
             return ResumableDataLoader(dataset, self.batch_size, **kwargs)
         return DataLoader(dataset, batch_size=self.batch_size, **kwargs)
@@ -229,7 +233,9 @@ class HFImageDataset(Dataset):
     A row whose image bytes cannot be decoded is handled as ``on_bad_sample`` says.
     """
 
-    def __init__(self, dataset: Any, transform: Callable, on_bad_sample: OnBadSample = "skip", source: str = "") -> None:
+    def __init__(
+        self, dataset: Any, transform: Callable, on_bad_sample: OnBadSample = "skip", source: str = ""
+    ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.guard = BadSampleGuard(on_bad_sample)
@@ -297,9 +303,12 @@ class ImageNetDataModule(ImageFolderDataModule):
     def _parquet_files(self, split: str) -> list[str]:
         files = sorted(self.data_dir.rglob("*.parquet"))
         chosen = [
-            str(f) for f in files if f.name.startswith(f"{split}-") or f.name == f"{split}.parquet"
+            str(f)
+            for f in files
+            if f.name.startswith(f"{split}-")
+            or f.name == f"{split}.parquet"
             or split in f.relative_to(self.data_dir).parts[:-1]
-        ]  # fmt: skip
+        ]
         if not chosen:
             raise FileNotFoundError(
                 f"no parquet files for split {split!r} under {self.data_dir}; name them {split}-*.parquet or put "

@@ -74,4 +74,3 @@ class ResumableDataLoader(DataLoader):
         batches = state["batches_consumed"]
         self.sampler.resume(state["epoch"], batches * self.batch_size)
         self.batches_consumed = batches
-

@@ -68,7 +68,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _PREFIXES:
         if any(k.startswith(prefix) for k in state):
             # Lightning task checkpoints hold the backbone under "backbone." next to heads: keep the backbone.
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
@@ -83,16 +83,16 @@ def to_swinlab_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         if official:
             match = _OFFICIAL_DOWNSAMPLE.match(key)
             if match:
-                key = f"layers.{int(match.group(1)) + 1}.downsample." + key[match.end():]
+                key = f"layers.{int(match.group(1)) + 1}.downsample." + key[match.end() :]
         if key.startswith("head.fc."):
-            key = "head." + key[len("head.fc."):]
+            key = "head." + key[len("head.fc.") :]
         out[key] = value
     return out
 
 
 def resize_relative_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
     """((2M'-1)^2, heads) -> ((2M-1)^2, heads) by bicubic interpolation, as the paper does at fine-tuning."""
-    old = int(round(table.shape[0] ** 0.5))
+    old = round(table.shape[0] ** 0.5)
     new = 2 * window - 1
     grid = table.T.reshape(1, -1, old, old)
     grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
@@ -102,7 +102,7 @@ def resize_relative_bias_table(table: torch.Tensor, window: int) -> torch.Tensor
 def resize_absolute_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(1, L, C) or (1, H, W, C) -> (1, *grid, C) by bicubic interpolation."""
     if pos.ndim == 3:
-        side = int(round(pos.shape[1] ** 0.5))
+        side = round(pos.shape[1] ** 0.5)
         pos = pos.reshape(1, side, side, -1)
     if tuple(pos.shape[1:3]) != tuple(grid):
         pos = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=grid, mode="bicubic", align_corners=False)
@@ -131,13 +131,17 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
             continue
         want = target[key].shape
         if key.endswith("relative_position_bias_table") and value.shape != want:
-            value = resize_relative_bias_table(value, int(round((want[0] ** 0.5 + 1) / 2)))
+            value = resize_relative_bias_table(value, round((want[0] ** 0.5 + 1) / 2))
         elif key == "absolute_pos_embed":
             value = resize_absolute_pos_embed(value, tuple(want[1:3]))
         elif key.startswith("head.") and value.shape != want:
             logger.warning(
                 "%s: head %s has shape %s but the model's is %s (num_classes differs): the head is left "
-                "newly initialised", path, key, tuple(value.shape), tuple(want),
+                "newly initialised",
+                path,
+                key,
+                tuple(value.shape),
+                tuple(want),
             )
             skipped.append(key)
             continue
@@ -150,11 +154,19 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
     result = model.load_state_dict(converted, strict=False)
     missing = [k for k in result.missing_keys if k not in skipped]  # a dropped head was already reported
     if missing:
-        logger.warning("%s: %d keys of the model are not in the checkpoint and stay as initialised: %s",
-                       path, len(missing), ", ".join(missing))
+        logger.warning(
+            "%s: %d keys of the model are not in the checkpoint and stay as initialised: %s",
+            path,
+            len(missing),
+            ", ".join(missing),
+        )
     if result.unexpected_keys:
-        logger.warning("%s: %d keys of the checkpoint have no place in the model and were ignored: %s",
-                       path, len(result.unexpected_keys), ", ".join(result.unexpected_keys))
+        logger.warning(
+            "%s: %d keys of the checkpoint have no place in the model and were ignored: %s",
+            path,
+            len(result.unexpected_keys),
+            ", ".join(result.unexpected_keys),
+        )
     if skipped:
         logger.info("%s: skipped %s", path, ", ".join(skipped))
     return LoadResult(list(result.missing_keys), list(result.unexpected_keys), skipped)

@@ -88,7 +88,7 @@ def window_layout(H: int, W: int, window: int, shift: int, device: torch.device 
     # traces this without a graph break.
     scatter = torch.empty(H * W + 1, dtype=torch.long, device=device)
     slot = torch.arange(flat.numel(), device=device)
-    scatter = scatter.scatter_(0, flat.masked_fill(padding.reshape(-1), H * W), slot)[:H * W]
+    scatter = scatter.scatter_(0, flat.masked_fill(padding.reshape(-1), H * W), slot)[: H * W]
     mask = None
     if shift > 0 or (Hp, Wp) != (H, W):
         masked = (regions[:, :, None] != regions[:, None, :]) | padding[:, None, :]
@@ -206,8 +206,14 @@ class WindowAttention(nn.Module):
         if cacheable:
             # A mask made under inference_mode cannot be used where autograd records (e.g. a frozen table in
             # training), so the mode is part of the key; the table's version changes when weights are loaded.
-            key = (window, batch, dtype, torch.is_inference_mode_enabled(), None if mask is None else mask.data_ptr(),
-                   None if table is None else (table.data_ptr(), table._version))  # fmt: skip
+            key = (
+                window,
+                batch,
+                dtype,
+                torch.is_inference_mode_enabled(),
+                None if mask is None else mask.data_ptr(),
+                None if table is None else (table.data_ptr(), table._version),
+            )
             if self._mask_cache is not None and self._mask_cache[0] == key:
                 return self._mask_cache[1]
         attn_mask = self.bias_and_mask(window, mask, dtype)
@@ -279,7 +285,7 @@ class SwinBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor, window: int, layout: WindowLayout) -> torch.Tensor:
-        """``window`` and ``layout`` (padding, shift, mask) are the effective ones for this map (see :class:`SwinStage`)."""
+        """``window`` and ``layout`` (padding, shift, mask) are this map's effective ones (see :class:`SwinStage`)."""
         B, H, W, C = x.shape
         windows = self.norm1(x).view(B, H * W, C).index_select(1, layout.gather).view(-1, window * window, C)
         attended = self.attn(windows, window, layout.mask).view(B, -1, C).index_select(1, layout.scatter)
@@ -358,9 +364,17 @@ class SwinStage(nn.Module):
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             SwinBlock(
-                dim, num_heads, window_size, shift=shift and j % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                drop=drop, attn_drop=attn_drop, drop_path=drop_path[j] if drop_path else 0.0,
-                relative_bias=relative_bias, attention=attention,
+                dim,
+                num_heads,
+                window_size,
+                shift=shift and j % 2 == 1,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop,
+                attn_drop=attn_drop,
+                drop_path=drop_path[j] if drop_path else 0.0,
+                relative_bias=relative_bias,
+                attention=attention,
             )
             for j in range(depth)
         )
@@ -386,12 +400,17 @@ class SwinStage(nn.Module):
                 logger.info(
                     "%s: feature map %dx%d is no larger than window %d; the shifted blocks still shift by %d "
                     "(the official code shrinks the window and drops the shift here: "
-                    "pass clip_window_to_feature=True to match it)", self.name, H, W, window, shift,
+                    "pass clip_window_to_feature=True to match it)",
+                    self.name,
+                    H,
+                    W,
+                    window,
+                    shift,
                 )
         return window, shift
 
     def layout(self, H: int, W: int, window: int, shift: int, device: torch.device) -> WindowLayout:
-        if (H, W) == self.feature_size:
+        if self.feature_size == (H, W):
             kind = "shifted" if shift else "plain"
             return WindowLayout(*(getattr(self, f"{kind}_{field}") for field in WindowLayout._fields))
         if torch.compiler.is_compiling():
@@ -482,10 +501,21 @@ class SwinTransformer(nn.Module):
             start = sum(depths[:i])
             self.layers.append(
                 SwinStage(
-                    embed_dim * 2**i, depth, num_heads[i], window_size, downsample=i > 0, shift=shift,
-                    mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                    drop_path=drop_path[start:start + depth], relative_bias=position_bias in ("relative", "relative+absolute"),
-                    clip_window_to_feature=clip_window_to_feature, name=f"stage {i}", attention=attention,
+                    embed_dim * 2**i,
+                    depth,
+                    num_heads[i],
+                    window_size,
+                    downsample=i > 0,
+                    shift=shift,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=drop_path[start : start + depth],
+                    relative_bias=position_bias in ("relative", "relative+absolute"),
+                    clip_window_to_feature=clip_window_to_feature,
+                    name=f"stage {i}",
+                    attention=attention,
                     feature_size=feature_size,
                 )
             )
@@ -611,7 +641,9 @@ def validate_config(
 ) -> None:
     """Raise a ValueError that names the argument and the fix for a configuration that cannot work."""
     if len(depths) != len(num_heads):
-        raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length (one per stage)")
+        raise ValueError(
+            f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length (one per stage)"
+        )
     for i, heads in enumerate(num_heads):
         dim = embed_dim * 2**i
         if heads <= 0 or dim % heads:
@@ -632,19 +664,27 @@ def validate_config(
 
 def swin_t(**kwargs) -> SwinTransformer:
     """Swin-T: C=96, depths 2-2-6-2, heads 3-6-12-24 (28.3M params, 4.5 GMACs at 224)."""
-    return SwinTransformer(**{"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "drop_path_rate": 0.2, **kwargs})
+    return SwinTransformer(
+        **{"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), "drop_path_rate": 0.2, **kwargs}
+    )
 
 
 def swin_s(**kwargs) -> SwinTransformer:
     """Swin-S: C=96, depths 2-2-18-2, heads 3-6-12-24 (49.6M params, 8.7 GMACs at 224)."""
-    return SwinTransformer(**{"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24), "drop_path_rate": 0.3, **kwargs})
+    return SwinTransformer(
+        **{"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24), "drop_path_rate": 0.3, **kwargs}
+    )
 
 
 def swin_b(**kwargs) -> SwinTransformer:
     """Swin-B: C=128, depths 2-2-18-2, heads 4-8-16-32 (87.8M params, 15.4 GMACs at 224)."""
-    return SwinTransformer(**{"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "drop_path_rate": 0.5, **kwargs})
+    return SwinTransformer(
+        **{"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "drop_path_rate": 0.5, **kwargs}
+    )
 
 
 def swin_l(**kwargs) -> SwinTransformer:
     """Swin-L: C=192, depths 2-2-18-2, heads 6-12-24-48 (196.5M params, 34.5 GMACs at 224)."""
-    return SwinTransformer(**{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "drop_path_rate": 0.2, **kwargs})
+    return SwinTransformer(
+        **{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "drop_path_rate": 0.2, **kwargs}
+    )

@@ -70,12 +70,15 @@ class SwinMLPBlock(nn.Module):
         Hp, Wp = y.shape[1:3]
         y = self.mix_windows(window_partition(y, M))  # (B * nW, M * M, C)
         y = y.view(B, Hp // M, Wp // M, M, M, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
-        x = x + self.drop_path(y[:, before:before + H, before:before + W])
+        x = x + self.drop_path(y[:, before : before + H, before : before + W])
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class SwinMLPStage(nn.Module):
-    """Optional patch merging, then ``depth`` blocks alternating plain and shifted windows. (B, H, W, C) -> (B, H', W', C')."""
+    """Optional patch merging, then ``depth`` blocks alternating plain and shifted windows.
+
+    (B, H, W, C) -> (B, H', W', C').
+    """
 
     def __init__(
         self,
@@ -94,7 +97,12 @@ class SwinMLPStage(nn.Module):
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             SwinMLPBlock(
-                dim, num_heads, window_size, shift=shift and j % 2 == 1, mlp_ratio=mlp_ratio, drop=drop,
+                dim,
+                num_heads,
+                window_size,
+                shift=shift and j % 2 == 1,
+                mlp_ratio=mlp_ratio,
+                drop=drop,
                 drop_path=drop_path[j] if drop_path else 0.0,
             )
             for j in range(depth)
@@ -144,16 +152,33 @@ class SwinMLP(SwinTransformer):
         # The Swin constructor validates the arguments and builds embedding, position embedding, norms and
         # head; its attention stages are then replaced by spatial-MLP stages of the same layout and names.
         super().__init__(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-            embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size, shift=shift,
-            position_bias=position_bias, mlp_ratio=mlp_ratio, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depths=depths,
+            num_heads=num_heads,
+            window_size=window_size,
+            shift=shift,
+            position_bias=position_bias,
+            mlp_ratio=mlp_ratio,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
             out_indices=out_indices,
-        )  # fmt: skip
+        )
         drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList(
             SwinMLPStage(
-                embed_dim * 2**i, depth, num_heads[i], window_size, downsample=i > 0, shift=shift,
-                mlp_ratio=mlp_ratio, drop=drop_rate, drop_path=drop_path[sum(depths[:i]):sum(depths[:i + 1])],
+                embed_dim * 2**i,
+                depth,
+                num_heads[i],
+                window_size,
+                downsample=i > 0,
+                shift=shift,
+                mlp_ratio=mlp_ratio,
+                drop=drop_rate,
+                drop_path=drop_path[sum(depths[:i]) : sum(depths[: i + 1])],
             )
             for i, depth in enumerate(depths)
         )
@@ -164,5 +189,14 @@ class SwinMLP(SwinTransformer):
 def swin_mlp_t(**kwargs) -> SwinMLP:
     """SwinMLP-T/C12 (official config swin_mlp_tiny_c12_patch4_window8_256): C=96, depths 2-2-6-2, heads
     8-16-32-64 (head groups of 12 channels), window 8, 256 px (21.2M params with 1000 classes)."""
-    return SwinMLP(**{"img_size": 256, "embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (8, 16, 32, 64),
-                      "window_size": 8, "drop_path_rate": 0.2, **kwargs})  # fmt: skip
+    return SwinMLP(
+        **{
+            "img_size": 256,
+            "embed_dim": 96,
+            "depths": (2, 2, 6, 2),
+            "num_heads": (8, 16, 32, 64),
+            "window_size": 8,
+            "drop_path_rate": 0.2,
+            **kwargs,
+        }
+    )

@@ -4,7 +4,7 @@ from swinlab.tasks.base import SwinTask, build_backbone
 
 __all__ = ["SwinTask", "build_backbone"]
 
-from swinlab.tasks.detection import DetectionPredictionWriter, DetectionTask  # noqa: E402
+from swinlab.tasks.detection import DetectionPredictionWriter, DetectionTask
 
 __all__ += ["DetectionPredictionWriter", "DetectionTask"]
 

@@ -46,8 +46,10 @@ class SwinTask(LightningModule):
             return param_groups(self)
         # Layer ids come from the backbone; heads outside it get the top id (full lr).
         top = backbone.num_lr_layers
+
         def layer_id(name: str) -> int:
-            return backbone.lr_layer_id(name[len("backbone."):]) if name.startswith("backbone.") else top
+            return backbone.lr_layer_id(name[len("backbone.") :]) if name.startswith("backbone.") else top
+
         return param_groups(self, layer_id=layer_id, num_layers=top, layer_decay=self.layer_decay)
 
     def configure_optimizers(self) -> Any:

@@ -94,7 +94,10 @@ class DetectionTask(SwinTask):
         sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
         anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
         common: dict[str, Any] = dict(
-            min_size=sizes, max_size=max_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+            min_size=sizes,
+            max_size=max_size,
+            image_mean=IMAGENET_MEAN,
+            image_std=IMAGENET_STD,
             rpn_anchor_generator=anchors,
             box_head=TwoMLPHead(fpn_channels * 7 * 7, box_head_dim),
             box_predictor=FastRCNNPredictor(box_head_dim, num_classes + 1),
@@ -119,7 +122,7 @@ class DetectionTask(SwinTask):
         top = body.num_lr_layers
 
         def layer_id(name: str) -> int:
-            return body.lr_layer_id(name[len(prefix):]) if name.startswith(prefix) else top
+            return body.lr_layer_id(name[len(prefix) :]) if name.startswith(prefix) else top
 
         return param_groups(self, layer_id=layer_id, num_layers=top, layer_decay=self.layer_decay)
 
@@ -230,8 +233,14 @@ class DetectionPredictionWriter(BasePredictionWriter):
         return category_ids, class_names
 
     def write_on_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, prediction: list[dict[str, Any]],
-        batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
     ) -> None:
         from pycocotools import mask as mask_utils
 
@@ -256,8 +265,14 @@ class DetectionPredictionWriter(BasePredictionWriter):
                 self._draw(image.cpu(), boxes, scores, labels, masks, class_names, det["image_id"])
 
     def _draw(
-        self, image: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-        masks: torch.Tensor | None, class_names: list[str], image_id: int,
+        self,
+        image: torch.Tensor,
+        boxes: torch.Tensor,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor | None,
+        class_names: list[str],
+        image_id: int,
     ) -> None:
         from torchvision.io import write_png
 

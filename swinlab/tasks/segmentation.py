@@ -117,7 +117,9 @@ class SegmentationTask(SwinTask):
                 f"(backbone_kwargs.out_indices); set it in 0..{len(channels) - 1} or aux_loss_weight: 0"
             )
         self.decode_head = UperNetHead(channels, num_classes, decode_channels, pool_scales, dropout)
-        self.aux_head = FCNHead(channels[aux_in_index], num_classes, aux_channels, dropout=dropout) if aux_loss_weight > 0 else None
+        self.aux_head = (
+            FCNHead(channels[aux_in_index], num_classes, aux_channels, dropout=dropout) if aux_loss_weight > 0 else None
+        )
         self.criterion = nn.CrossEntropyLoss(ignore_index=ignore_index)
         self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
         self.test_metrics = SegmentationMetrics(num_classes, ignore_index)
@@ -174,7 +176,9 @@ class SegmentationTask(SwinTask):
         """(B, 3, h, w) -> class scores (B, num_classes, H, W) at ``output_size``: logits for one pass,
         softmax averaged over ``test_scales`` x flips otherwise."""
         height, width = images.shape[-2:]
-        passes = [(scale, flip) for scale in self.test_scales for flip in ((False, True) if self.test_flip else (False,))]
+        passes = [
+            (scale, flip) for scale in self.test_scales for flip in ((False, True) if self.test_flip else (False,))
+        ]
         total = None
         for scale, flip in passes:
             x = images if scale == 1.0 else _resize(images, (int(height * scale + 0.5), int(width * scale + 0.5)))
@@ -255,14 +259,19 @@ class SegmentationPredictionWriter(BasePredictionWriter):
     ) -> None:
         num_classes = pl_module.hparams.num_classes
         if num_classes + self.label_offset > 256:
-            raise ValueError(f"8-bit label PNGs hold 256 values; num_classes {num_classes} + label_offset {self.label_offset} is more")
+            raise ValueError(
+                f"8-bit label PNGs hold 256 values; num_classes {num_classes} + "
+                f"label_offset {self.label_offset} is more"
+            )
         palette = label_palette(num_classes)
         (self.output_dir / "labels").mkdir(parents=True, exist_ok=True)
         (self.output_dir / "overlays").mkdir(parents=True, exist_ok=True)
         for item in prediction:
             labels = item["labels"].numpy()
             stem = Path(item["name"]).stem
-            Image.fromarray((labels + self.label_offset).astype(np.uint8)).save(self.output_dir / "labels" / f"{stem}.png")
+            Image.fromarray((labels + self.label_offset).astype(np.uint8)).save(
+                self.output_dir / "labels" / f"{stem}.png"
+            )
             image = item["raw_image"].permute(1, 2, 0).numpy().astype(np.float32)
             overlay = (1 - self.alpha) * image + self.alpha * palette[labels].astype(np.float32)
             Image.fromarray(overlay.round().astype(np.uint8)).save(self.output_dir / "overlays" / f"{stem}.png")

@@ -102,7 +102,8 @@ def test_predict_dir_keeps_raw_images(ade_folder: Path) -> None:
 
 
 def test_parquet_source_matches_folder(ade_folder: Path, tmp_path_factory) -> None:
-    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
 
     root = tmp_path_factory.mktemp("scene_parse_150")
     features = Features({"image": ImageFeature(), "annotation": ImageFeature(), "scene_category": Value("int64")})

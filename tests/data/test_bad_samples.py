@@ -127,7 +127,7 @@ def coco_root(tmp_path) -> Path:
 def test_coco_drops_boxes_outside_the_image_and_skips_missing_images(coco_root, caplog):
     module = COCODataModule(str(coco_root), masks=False, num_workers=0)
     module.setup("validate")
-    image, target = module.val_set[0]
+    _image, target = module.val_set[0]
     assert target["boxes"].tolist() == [[2.0, 2.0, 6.0, 6.0]] and module.val_set.dropped_boxes == 1
     assert "000000000001.jpg" in caplog.text and "[11]" in caplog.text
     _, target = module.val_set[1]  # the missing image 2 is replaced by image 3

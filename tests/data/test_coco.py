@@ -57,16 +57,51 @@ def write_coco(root: Path, split: str) -> None:
     crowd_rle = mask_utils.encode(np.asfortranarray(bird_mask()))
     crowd_rle["counts"] = crowd_rle["counts"].decode("ascii")
     annotations = [
-        {"id": 1, "image_id": 1, "category_id": 3, "iscrowd": 0, "area": 48.0, "bbox": [2.0, 8.0, 8.0, 12.0],
-         "segmentation": [[2.0, 8.0, 10.0, 8.0, 10.0, 20.0, 2.0, 20.0]]},
-        {"id": 2, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 100.0, "bbox": [20.0, 10.0, 10.0, 10.0],
-         "segmentation": rle_uncompressed(dog_mask())},
-        {"id": 3, "image_id": 1, "category_id": 11, "iscrowd": 1, "area": 48.0, "bbox": [0.0, 0.0, 8.0, 6.0],
-         "segmentation": crowd_rle},
-        {"id": 4, "image_id": 1, "category_id": 7, "iscrowd": 0, "area": 0.0, "bbox": [5.0, 5.0, 0.0, 4.0],
-         "segmentation": [[5.0, 5.0, 5.0, 9.0, 5.0, 9.0]]},
-        {"id": 5, "image_id": 3, "category_id": 11, "iscrowd": 1, "area": 48.0, "bbox": [0.0, 0.0, 8.0, 6.0],
-         "segmentation": crowd_rle},
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 3,
+            "iscrowd": 0,
+            "area": 48.0,
+            "bbox": [2.0, 8.0, 8.0, 12.0],
+            "segmentation": [[2.0, 8.0, 10.0, 8.0, 10.0, 20.0, 2.0, 20.0]],
+        },
+        {
+            "id": 2,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 0,
+            "area": 100.0,
+            "bbox": [20.0, 10.0, 10.0, 10.0],
+            "segmentation": rle_uncompressed(dog_mask()),
+        },
+        {
+            "id": 3,
+            "image_id": 1,
+            "category_id": 11,
+            "iscrowd": 1,
+            "area": 48.0,
+            "bbox": [0.0, 0.0, 8.0, 6.0],
+            "segmentation": crowd_rle,
+        },
+        {
+            "id": 4,
+            "image_id": 1,
+            "category_id": 7,
+            "iscrowd": 0,
+            "area": 0.0,
+            "bbox": [5.0, 5.0, 0.0, 4.0],
+            "segmentation": [[5.0, 5.0, 5.0, 9.0, 5.0, 9.0]],
+        },
+        {
+            "id": 5,
+            "image_id": 3,
+            "category_id": 11,
+            "iscrowd": 1,
+            "area": 48.0,
+            "bbox": [0.0, 0.0, 8.0, 6.0],
+            "segmentation": crowd_rle,
+        },
     ]
     payload = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(payload))
@@ -195,14 +230,16 @@ def test_unknown_category_id_is_reported(coco_root: Path) -> None:
 def hf_split(num_empty: int):
     import datasets
 
-    features = datasets.Features({
-        "image_id": datasets.Value("int64"),
-        "image": datasets.Image(),
-        "objects": {
-            "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-            "category": datasets.List(datasets.ClassLabel(names=["cat", "dog"])),
-        },
-    })
+    features = datasets.Features(
+        {
+            "image_id": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "objects": {
+                "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+                "category": datasets.List(datasets.ClassLabel(names=["cat", "dog"])),
+            },
+        }
+    )
     rng = np.random.default_rng(0)
     rows = {"image_id": [], "image": [], "objects": []}
     for i in range(2 + num_empty):

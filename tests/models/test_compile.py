@@ -10,8 +10,16 @@ from swinlab.models import create_model, load_pretrained
 from swinlab.models.swin import use_explicit_attention
 
 # Two stages at 36x36 with 4x4 windows: maps 18x18 and 9x9 need padding, and the odd blocks shift.
-TINY = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=5,
-            drop_path_rate=0.0)
+TINY = dict(
+    img_size=32,
+    patch_size=2,
+    window_size=4,
+    embed_dim=16,
+    depths=(2, 2),
+    num_heads=(1, 2),
+    num_classes=5,
+    drop_path_rate=0.0,
+)
 
 
 @pytest.mark.parametrize("size", [32, 36])  # img_size (prebuilt layout buffers) and another size (built in-graph)
@@ -41,8 +49,16 @@ def test_cpu_training_path_matches_timm_gradients(tmp_path):
 
     Both in eval mode: timm's train-mode logits differ from its own eval-mode logits by ~1e-3 on this config."""
     torch.manual_seed(0)
-    reference = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, patch_size=2, window_size=4,
-                                  embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=5)
+    reference = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        num_classes=5,
+    )
     torch.save(reference.state_dict(), tmp_path / "timm.pth")
     model = create_model("swin_t", clip_window_to_feature=True, **TINY).eval()
     load_pretrained(model, tmp_path / "timm.pth")
@@ -64,8 +80,10 @@ def test_cpu_training_path_matches_timm_gradients(tmp_path):
 @pytest.mark.parametrize("position_bias", ["relative", "none"])
 def test_attention_kernels_compute_the_same_function(position_bias, size):
     torch.manual_seed(0)
-    sdpa, explicit = (create_model("swin_t", attention=kernel, position_bias=position_bias, **TINY).eval()
-                      for kernel in ("sdpa", "explicit"))
+    sdpa, explicit = (
+        create_model("swin_t", attention=kernel, position_bias=position_bias, **TINY).eval()
+        for kernel in ("sdpa", "explicit")
+    )
     explicit.load_state_dict(sdpa.state_dict())
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -91,11 +109,22 @@ def test_sdpa_masks_are_contiguous():
 
 def test_auto_attention_picks_the_kernel_that_measured_faster():
     # (device, bias needs a gradient, under torch.compile) -> explicit?  See docs/benchmarks.md.
-    expected = {("cpu", True, False): True, ("cpu", True, True): True, ("cpu", False, False): False,
-                ("cpu", False, True): False, ("cuda", True, False): False, ("cuda", True, True): False,
-                ("cuda", False, False): False, ("cuda", False, True): True}
+    expected = {
+        ("cpu", True, False): True,
+        ("cpu", True, True): True,
+        ("cpu", False, False): False,
+        ("cpu", False, True): False,
+        ("cuda", True, False): False,
+        ("cuda", True, True): False,
+        ("cuda", False, False): False,
+        ("cuda", False, True): True,
+    }
     for (device, needs_grad, compiling), explicit in expected.items():
-        assert use_explicit_attention("auto", device, needs_grad, compiling) is explicit, (device, needs_grad, compiling)
+        assert use_explicit_attention("auto", device, needs_grad, compiling) is explicit, (
+            device,
+            needs_grad,
+            compiling,
+        )
         assert use_explicit_attention("sdpa", device, needs_grad, compiling) is False
         assert use_explicit_attention("explicit", device, needs_grad, compiling) is True
 

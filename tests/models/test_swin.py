@@ -1,13 +1,15 @@
 import pytest
 import timm
 import torch
+from conftest import official_layout
 
 from swinlab.models import create_model, load_pretrained
-from conftest import official_layout
 from swinlab.models.swin import SwinBlock, window_layout
 
 
-@pytest.mark.parametrize("name,params", [("swin_t", 28_288_354), ("swin_s", 49_606_258), ("swin_b", 87_768_224), ("swin_l", 196_532_476)])
+@pytest.mark.parametrize(
+    "name,params", [("swin_t", 28_288_354), ("swin_s", 49_606_258), ("swin_b", 87_768_224), ("swin_l", 196_532_476)]
+)
 def test_parameter_counts_equal_official(name, params):
     model = create_model(name)
     assert sum(p.numel() for p in model.parameters()) == params
@@ -15,7 +17,9 @@ def test_parameter_counts_equal_official(name, params):
 
 @pytest.mark.parametrize("size", [(64, 64), (48, 80), (29, 37)])
 def test_any_input_size_and_feature_strides(size):
-    model = create_model("swin_t", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), num_classes=0, out_indices=(0, 1, 2, 3)).eval()
+    model = create_model(
+        "swin_t", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), num_classes=0, out_indices=(0, 1, 2, 3)
+    ).eval()
     with torch.no_grad():
         feats = model.forward_features(torch.randn(1, 3, *size))
     for f, c, s in zip(feats, model.feature_channels, model.feature_strides):
@@ -68,6 +72,7 @@ def test_unknown_model_and_bad_heads_are_clear():
 
 # ---- attention semantics against a naive reference -------------------------------------------------------
 
+
 def naive_window_block(block, x: torch.Tensor, window: int) -> torch.Tensor:
     """SwinBlock without shift, written per window with explicit loops: real tokens attend to the real
     tokens of their window only (a window cut short by the map edge is smaller, no padding involved)."""
@@ -109,8 +114,16 @@ def test_plain_windows_equal_naive_reference(size, window):
 def test_padded_window_equals_unpadded_window_without_position_bias():
     """position_bias='none': a 7x7 map in one 8x8 window (padded) gives what a 7x7 window gives."""
     torch.manual_seed(0)
-    kwargs = dict(img_size=28, patch_size=4, embed_dim=16, depths=(2,), num_heads=(2,), shift=False,
-                  position_bias="none", num_classes=3)
+    kwargs = dict(
+        img_size=28,
+        patch_size=4,
+        embed_dim=16,
+        depths=(2,),
+        num_heads=(2,),
+        shift=False,
+        position_bias="none",
+        num_classes=3,
+    )
     exact = create_model("swin_t", window_size=7, **kwargs).eval()
     padded = create_model("swin_t", window_size=8, **kwargs).eval()
     padded.load_state_dict(exact.state_dict())
@@ -137,12 +150,14 @@ def test_shifted_window_token_sees_only_its_window(size):
         influenced = x.grad[0].abs().sum(-1) > 1e-12
         ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
         same_window = (((ys - shift) % Hp) // window == ((qy - shift) % Hp) // window) & (
-            ((xs - shift) % Wp) // window == ((qx - shift) % Wp) // window)
+            ((xs - shift) % Wp) // window == ((qx - shift) % Wp) // window
+        )
         neighbours = ((ys - qy).abs() < window) & ((xs - qx).abs() < window)
         assert torch.equal(influenced, same_window & neighbours), (qy, qx)
 
 
 # ---- shapes, sizes, position-bias variants, precision ------------------------------------------------------
+
 
 def test_full_swin_t_any_size_batch_one():
     model = create_model("swin_t", num_classes=0, out_indices=(0, 1, 2, 3)).eval()
@@ -165,12 +180,27 @@ def test_swin_t_flops_round_to_paper():
     assert round(count_macs(create_model("swin_t"), (3, 224, 224)) / 1e9, 1) == 4.5
 
 
-@pytest.mark.parametrize("position_bias,relative,absolute", [
-    ("relative", True, False), ("absolute", False, True), ("relative+absolute", True, True), ("none", False, False),
-])
+@pytest.mark.parametrize(
+    "position_bias,relative,absolute",
+    [
+        ("relative", True, False),
+        ("absolute", False, True),
+        ("relative+absolute", True, True),
+        ("none", False, False),
+    ],
+)
 def test_position_bias_variants(position_bias, relative, absolute):
-    model = create_model("swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
-                         num_heads=(1, 2), num_classes=4, position_bias=position_bias)
+    model = create_model(
+        "swin_t",
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        num_classes=4,
+        position_bias=position_bias,
+    )
     names = [name for name, _ in model.named_parameters()]
     assert any("relative_position_bias_table" in n for n in names) == relative
     assert ("absolute_pos_embed" in names) == absolute
@@ -192,7 +222,9 @@ def test_shift_switch_changes_only_the_shifted_blocks():
 
 
 def test_small_feature_map_is_logged_once_or_clipped(caplog):
-    kwargs = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=2)
+    kwargs = dict(
+        img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=2
+    )
     model = create_model("swin_t", **kwargs).eval()
     with caplog.at_level("INFO", logger="swinlab.models.swin"), torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
@@ -206,8 +238,9 @@ def test_small_feature_map_is_logged_once_or_clipped(caplog):
 
 
 def test_layouts_prebuilt_for_img_size_and_cached_for_other_sizes():
-    model = create_model("swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
-                         num_heads=(1, 2), num_classes=2).eval()
+    model = create_model(
+        "swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=2
+    ).eval()
     stage = model.layers[0]
     for kind, shift in (("plain", 0), ("shifted", 2)):
         expected = window_layout(16, 16, 4, shift)
@@ -227,8 +260,17 @@ def test_layouts_prebuilt_for_img_size_and_cached_for_other_sizes():
 
 def test_bf16_autocast_close_to_fp32_and_trains():
     torch.manual_seed(0)
-    model = create_model("swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
-                         num_heads=(2, 4), num_classes=5, drop_path_rate=0.0)
+    model = create_model(
+        "swin_t",
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        num_classes=5,
+        drop_path_rate=0.0,
+    )
     x = torch.randn(2, 3, 32, 32)
     reference = model(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -241,8 +283,16 @@ def test_bf16_autocast_close_to_fp32_and_trains():
 
 def test_gradient_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
-    kwargs = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
-                  num_classes=3, drop_path_rate=0.0)
+    kwargs = dict(
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        num_classes=3,
+        drop_path_rate=0.0,
+    )
     plain = create_model("swin_t", **kwargs)
     checkpointed = create_model("swin_t", grad_checkpointing=True, **kwargs)
     checkpointed.load_state_dict(plain.state_dict())
@@ -254,6 +304,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 
 # ---- checkpoint layouts ---------------------------------------------------------------------------------
+
 
 def test_official_checkpoint_layout_gives_same_logits(tmp_path, timm_swin_tiny):
     reference, x, expected = timm_swin_tiny

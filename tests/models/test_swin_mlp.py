@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import official_layout
+
 from swinlab.models import create_model, load_pretrained
 from swinlab.models.swin_mlp import SwinMLPBlock
 from swinlab.tasks import ClassificationTask
@@ -89,12 +89,21 @@ def test_every_task_builds_and_trains_with_swin_mlp():
     classification.train_loss(classification(torch.randn(2, 1, 32, 32)), torch.tensor([0, 3])).backward()
     assert classification.backbone.layers[0].blocks[1].spatial_mlp.weight.grad.abs().sum() > 0
     backbone = {**kwargs, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "patch_size": 4}
-    segmentation = SegmentationTask(num_classes=3, backbone="swin_mlp_t", backbone_kwargs=backbone,
-                                    decode_channels=8, aux_channels=8).eval()  # fmt: skip
+    segmentation = SegmentationTask(
+        num_classes=3, backbone="swin_mlp_t", backbone_kwargs=backbone, decode_channels=8, aux_channels=8
+    ).eval()
     with torch.no_grad():
         assert segmentation(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
-    detection = DetectionTask(num_classes=2, backbone="swin_mlp_t", backbone_kwargs=backbone, fpn_channels=16,
-                              box_head_dim=32, mask_head_channels=16, min_size=64, max_size=64).eval()  # fmt: skip
+    detection = DetectionTask(
+        num_classes=2,
+        backbone="swin_mlp_t",
+        backbone_kwargs=backbone,
+        fpn_channels=16,
+        box_head_dim=32,
+        mask_head_channels=16,
+        min_size=64,
+        max_size=64,
+    ).eval()
     with torch.no_grad():
         (result,) = detection([torch.rand(3, 64, 80)])
     assert set(result) >= {"boxes", "labels", "scores"}
@@ -102,8 +111,9 @@ def test_every_task_builds_and_trains_with_swin_mlp():
 
 def test_official_swin_mlp_checkpoint_layout_loads(tmp_path):
     """The official Swin-MLP files use the official Swin layout (patch merging at the end of the previous stage)."""
-    kwargs = dict(img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
-                  num_classes=5)
+    kwargs = dict(
+        img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4), num_classes=5
+    )
     torch.manual_seed(0)
     source = create_model("swin_mlp_t", **kwargs).eval()
     checkpoint = official_layout(source.state_dict(), config="swin_mlp_tiny_c12_patch4_window8_256")

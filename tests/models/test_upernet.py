@@ -6,9 +6,7 @@ from swinlab.models.upernet import FCNHead, UperNetHead
 
 def _features(batch: int, height: int, width: int, channels=(8, 16, 32, 64)) -> list[torch.Tensor]:
     # Swin-like pyramid: strides 4, 8, 16, 32, sizes rounded up as the backbone pads.
-    return [
-        torch.randn(batch, c, -(-height // (4 * 2**i)), -(-width // (4 * 2**i))) for i, c in enumerate(channels)
-    ]
+    return [torch.randn(batch, c, -(-height // (4 * 2**i)), -(-width // (4 * 2**i))) for i, c in enumerate(channels)]
 
 
 @pytest.mark.parametrize(("height", "width"), [(64, 64), (72, 40)])
@@ -16,7 +14,7 @@ def test_upernet_logits_at_finest_resolution(height: int, width: int) -> None:
     head = UperNetHead([8, 16, 32, 64], num_classes=5, channels=16).eval()
     features = _features(2, height, width)
     logits = head(features)
-    assert logits.shape == (2, 5) + tuple(features[0].shape[-2:])
+    assert logits.shape == (2, 5, *tuple(features[0].shape[-2:]))
 
 
 def test_upernet_every_level_receives_gradient() -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import load_script
 
 
@@ -22,9 +21,29 @@ def restore_threads():
 def test_model_benchmark_writes_every_implementation_and_mode(tmp_path: Path, capsys, restore_threads) -> None:
     out = tmp_path / "bench.json"
     # One thread and 64x64 images keep it short on a shared CPU (two threads spin badly when cores are busy).
-    load_script("benchmark").main(["--sizes", "t", "--batch-sizes", "1", "--modes", "infer", "train", "--warmup", "0",
-                                   "--repeats", "1", "--image-size", "64", "--num-classes", "10", "--threads", "1",
-                                   "--json", str(out)])
+    load_script("benchmark").main(
+        [
+            "--sizes",
+            "t",
+            "--batch-sizes",
+            "1",
+            "--modes",
+            "infer",
+            "train",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--image-size",
+            "64",
+            "--num-classes",
+            "10",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     rows = {(r["impl"], r["mode"]): r for r in report["results"]}
     assert set(rows) == {(impl, mode) for impl in ("swinlab", "timm", "torchvision") for mode in ("infer", "train")}
@@ -42,10 +61,26 @@ def test_model_benchmark_rejects_bad_arguments() -> None:
 
 def test_loader_benchmark_on_generated_imagenet_folder(tmp_path: Path) -> None:
     out = tmp_path / "loader.json"
-    # mmax9: the recipe's magnitude 10 makes timm ask Pillow 13 for posterize(bits=0), which raises (see docs/benchmarks.md).
-    result = load_script("benchmark_loader").main(["--generate", "8", "--workers", "0", "--batch-size", "2",
-                                                   "--batches", "2", "--repeats", "1", "--json", str(out),
-                                                   "--auto-augment", "rand-m9-mstd0.5-inc1-mmax9"])
+    # mmax9: the recipe's magnitude 10 makes timm ask Pillow 13 for posterize(bits=0), which raises
+    # (see docs/benchmarks.md).
+    result = load_script("benchmark_loader").main(
+        [
+            "--generate",
+            "8",
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            "--batches",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            "--auto-augment",
+            "rand-m9-mstd0.5-inc1-mmax9",
+        ]
+    )
     assert json.loads(out.read_text()) == result
     assert result["decode_images_per_s_per_worker"] > result["train_transform_images_per_s_per_worker"] > 0
     assert result["loader_images_per_s"]["0"] > 0
@@ -53,5 +88,19 @@ def test_loader_benchmark_on_generated_imagenet_folder(tmp_path: Path) -> None:
 
 def test_loader_benchmark_names_a_folder_too_small(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--generate more"):
-        load_script("benchmark_loader").main(["--generate", "4", "--workers", "0", "--batch-size", "2",
-                                              "--batches", "4", "--repeats", "1", "--json", str(tmp_path / "x.json")])
+        load_script("benchmark_loader").main(
+            [
+                "--generate",
+                "4",
+                "--workers",
+                "0",
+                "--batch-size",
+                "2",
+                "--batches",
+                "4",
+                "--repeats",
+                "1",
+                "--json",
+                str(tmp_path / "x.json"),
+            ]
+        )

@@ -1,7 +1,6 @@
 import csv
 
 import pytest
-
 from conftest import load_script
 
 complexity = load_script("complexity")
@@ -14,9 +13,31 @@ def test_slope_is_one_for_linear_and_two_for_quadratic_cost():
 
 
 def test_tiny_run_writes_table_csv_and_plot(tmp_path):
-    rows = complexity.main(["--sizes", "64", "128", "--swin-dims", "16", "1", "1", "--vit-dims", "32", "2", "2",
-                            "--repeats", "1", "--out", str(tmp_path)])  # fmt: skip
-    assert [(r["model"].split()[0], r["size"]) for r in rows] == [("Swin", 64), ("ViT", 64), ("Swin", 128), ("ViT", 128)]
+    rows = complexity.main(
+        [
+            "--sizes",
+            "64",
+            "128",
+            "--swin-dims",
+            "16",
+            "1",
+            "1",
+            "--vit-dims",
+            "32",
+            "2",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert [(r["model"].split()[0], r["size"]) for r in rows] == [
+        ("Swin", 64),
+        ("ViT", 64),
+        ("Swin", 128),
+        ("ViT", 128),
+    ]
     vit_64, vit_128 = rows[1], rows[3]
     # Global attention over 16 and 64 patches plus the class token: QK^T and AV grow with tokens squared.
     assert vit_128["attention_gmacs"] == pytest.approx((65 / 17) ** 2 * vit_64["attention_gmacs"])

@@ -8,18 +8,32 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import load_script
 
 from swinlab.data.coco import COCODataModule
-
-from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 def test_writes_coco_layout_with_matching_masks(tmp_path: Path) -> None:
-    load_script("make_shapes_coco").main(["--out", str(tmp_path), "--num-train", "4", "--num-val", "3", "--size", "64",
-                    "--min-radius", "6", "--max-radius", "14", "--seed", "1"])
+    load_script("make_shapes_coco").main(
+        [
+            "--out",
+            str(tmp_path),
+            "--num-train",
+            "4",
+            "--num-val",
+            "3",
+            "--size",
+            "64",
+            "--min-radius",
+            "6",
+            "--max-radius",
+            "14",
+            "--seed",
+            "1",
+        ]
+    )
     train = json.loads((tmp_path / "annotations" / "instances_train2017.json").read_text())
     val = json.loads((tmp_path / "annotations" / "instances_val2017.json").read_text())
     assert len(train["images"]) == 4 and len(val["images"]) == 3

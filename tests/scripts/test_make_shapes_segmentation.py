@@ -2,14 +2,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from conftest import load_script
 from PIL import Image
 
 from swinlab.data.ade20k import ADE20KDataModule
 
-from conftest import load_script
-
 REPO = Path(__file__).resolve().parents[2]
-
 
 
 def test_writes_ade20k_layout_that_the_quickstart_reads(tmp_path: Path) -> None:

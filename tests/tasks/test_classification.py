@@ -10,8 +10,13 @@ from swinlab.models import create_model
 from swinlab.optim import WarmupLR
 from swinlab.tasks import ClassificationTask
 
-TRAINER = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-           "enable_model_summary": False}  # fmt: skip
+TRAINER = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
 
 
 def grey_task(tiny_swin, **kwargs) -> ClassificationTask:
@@ -32,8 +37,9 @@ def test_forward_and_metrics(tiny_swin):
 
 def test_lr_scales_with_global_batch(tiny_swin, fashion_mnist_dir):
     scheduler = partial(WarmupLR, warmup_epochs=1)
-    task = grey_task(tiny_swin, optimizer=partial(torch.optim.AdamW, lr=1e-3), lr_scheduler=scheduler,
-                     lr_reference_batch=16)  # fmt: skip
+    task = grey_task(
+        tiny_swin, optimizer=partial(torch.optim.AdamW, lr=1e-3), lr_scheduler=scheduler, lr_reference_batch=16
+    )
     trainer = Trainer(max_steps=1, accumulate_grad_batches=2, limit_val_batches=0, **TRAINER)
     trainer.fit(task, datamodule=fashion(fashion_mnist_dir, batch_size=4))
     # global batch 4 x 1 process x 2 accumulation = 8 -> lr 1e-3 * 8 / 16

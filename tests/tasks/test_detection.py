@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import load_script
 from swinlab.cli import main
 from swinlab.data.coco import COCODataModule
 from swinlab.tasks.detection import DetectionPredictionWriter, DetectionTask, SwinFPN
@@ -30,8 +30,22 @@ TINY_HEADS = {"fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 16, 
 def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     script = load_script("make_shapes_coco")
     root = tmp_path_factory.mktemp("shapes")
-    script.main(["--out", str(root), "--num-train", "4", "--num-val", "3", "--size", str(SIZE),
-                 "--min-radius", "6", "--max-radius", "14"])
+    script.main(
+        [
+            "--out",
+            str(root),
+            "--num-train",
+            "4",
+            "--num-val",
+            "3",
+            "--size",
+            str(SIZE),
+            "--min-radius",
+            "6",
+            "--max-radius",
+            "14",
+        ]
+    )
     return root
 
 
@@ -39,11 +53,17 @@ def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
     """Shrink any detection config to a seconds-long CPU run on the tiny shapes set."""
     heads = [f"--model.init_args.{key}={value}" for key, value in TINY_HEADS.items()]
     return [
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-        f"--trainer.default_root_dir={run_dir}", "--trainer.callbacks=[]",
-        "--model.init_args.pretrained=null", f"--model.init_args.backbone_kwargs={json.dumps(TINY_BACKBONE)}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.callbacks=[]",
+        "--model.init_args.pretrained=null",
+        f"--model.init_args.backbone_kwargs={json.dumps(TINY_BACKBONE)}",
         *heads,
-        f"--data.init_args.root={data_root}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+        f"--data.init_args.root={data_root}",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
     ]
 
 
@@ -75,15 +95,19 @@ def hf_copy_of(coco_root: Path, out: Path) -> None:
             anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
             rows["image_id"].append(image_id)
             rows["image"].append(Image.open(coco_root / coco_split / coco.loadImgs(image_id)[0]["file_name"]))
-            rows["objects"].append({"bbox": [a["bbox"] for a in anns], "category": [a["category_id"] - 1 for a in anns]})
-        features = datasets.Features({
-            "image_id": datasets.Value("int64"),
-            "image": datasets.Image(),
-            "objects": {
-                "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-                "category": datasets.List(datasets.ClassLabel(names=names)),
-            },
-        })
+            rows["objects"].append(
+                {"bbox": [a["bbox"] for a in anns], "category": [a["category_id"] - 1 for a in anns]}
+            )
+        features = datasets.Features(
+            {
+                "image_id": datasets.Value("int64"),
+                "image": datasets.Image(),
+                "objects": {
+                    "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+                    "category": datasets.List(datasets.ClassLabel(names=names)),
+                },
+            }
+        )
         splits[hf_name] = datasets.Dataset.from_dict(rows, features=features)
     datasets.DatasetDict(splits).save_to_disk(str(out))
 
@@ -92,10 +116,18 @@ def test_faster_rcnn_on_the_hugging_face_source(shapes_root: Path, tmp_path: Pat
     hf_root = tmp_path / "hf"
     hf_copy_of(shapes_root, hf_root)
     config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
-    main([
-        "fit", "--config", str(config), *tiny_overrides(hf_root, tmp_path / "run"), "--trainer.fast_dev_run=1",
-        "--data.init_args.source=hf", "--data.init_args.masks=false", "--model.init_args.masks=false",
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *tiny_overrides(hf_root, tmp_path / "run"),
+            "--trainer.fast_dev_run=1",
+            "--data.init_args.source=hf",
+            "--data.init_args.masks=false",
+            "--model.init_args.masks=false",
+        ]
+    )
 
 
 def test_masks_on_without_mask_targets_is_a_clear_error() -> None:
@@ -110,7 +142,11 @@ def test_fpn_gives_five_levels_with_the_strides_of_the_paper() -> None:
     levels = task.detector.backbone(torch.randn(1, 3, 64, 96))
     assert isinstance(task.detector.backbone, SwinFPN)
     assert [(k, tuple(v.shape)) for k, v in levels.items()] == [
-        ("0", (1, 16, 16, 24)), ("1", (1, 16, 8, 12)), ("2", (1, 16, 4, 6)), ("3", (1, 16, 2, 3)), ("pool", (1, 16, 1, 2)),
+        ("0", (1, 16, 16, 24)),
+        ("1", (1, 16, 8, 12)),
+        ("2", (1, 16, 4, 6)),
+        ("3", (1, 16, 2, 3)),
+        ("pool", (1, 16, 1, 2)),
     ]
 
 
@@ -142,13 +178,15 @@ def fake_predictions(targets: list[dict], num_classes: int, rng: np.random.Gener
         extra_masks = torch.zeros(extra, height, width, dtype=torch.bool)
         for i, (x, y) in enumerate(corners.long().tolist()):
             extra_masks[i, y : y + 10, x : x + 10] = True
-        predictions.append({
-            "boxes": torch.cat([boxes, extra_boxes]).clamp(0, width),
-            "labels": torch.cat([labels, torch.from_numpy(rng.integers(0, num_classes, extra))]),
-            "scores": torch.from_numpy(rng.uniform(0.05, 1.0, len(labels) + extra)).float(),
-            "masks": torch.cat([masks, extra_masks]),
-            "image_id": target["image_id"],
-        })
+        predictions.append(
+            {
+                "boxes": torch.cat([boxes, extra_boxes]).clamp(0, width),
+                "labels": torch.cat([labels, torch.from_numpy(rng.integers(0, num_classes, extra))]),
+                "scores": torch.from_numpy(rng.uniform(0.05, 1.0, len(labels) + extra)).float(),
+                "masks": torch.cat([masks, extra_masks]),
+                "image_id": target["image_id"],
+            }
+        )
     return predictions
 
 
@@ -186,13 +224,25 @@ def test_metrics_match_pycocotools_on_the_written_results(shapes_root: Path, tmp
 def test_predict_writes_results_json_and_drawn_images(shapes_root: Path, tmp_path: Path) -> None:
     config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
     out = tmp_path / "predictions"
-    writer = json.dumps([{
-        "class_path": "swinlab.tasks.detection.DetectionPredictionWriter",
-        "init_args": {"output_dir": str(out), "score_threshold": 0.0},
-    }])
+    writer = json.dumps(
+        [
+            {
+                "class_path": "swinlab.tasks.detection.DetectionPredictionWriter",
+                "init_args": {"output_dir": str(out), "score_threshold": 0.0},
+            }
+        ]
+    )
     overrides = [o for o in tiny_overrides(shapes_root, tmp_path) if not o.startswith("--trainer.callbacks")]
-    main(["predict", "--config", str(config), *overrides, f"--trainer.callbacks={writer}",
-          "--model.init_args.detector_kwargs={box_score_thresh: 0.0}"])
+    main(
+        [
+            "predict",
+            "--config",
+            str(config),
+            *overrides,
+            f"--trainer.callbacks={writer}",
+            "--model.init_args.detector_kwargs={box_score_thresh: 0.0}",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     gt = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
     assert results, "an untrained model with score threshold 0 still proposes boxes"

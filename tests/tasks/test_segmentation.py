@@ -4,10 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
-from conftest import load_script
 from swinlab.cli import main
 from swinlab.data.ade20k import ADE20KDataModule
 from swinlab.optim import WarmupLR
@@ -40,7 +40,9 @@ def test_metrics_match_confusion_matrix_over_the_whole_set() -> None:
     rng = np.random.default_rng(0)
     # Class 3 is predicted but never in the ground truth (IoU 0, no accuracy); class 4 appears nowhere.
     targets = [rng.choice([0, 1, 2, 255], size=shape, p=[0.5, 0.3, 0.1, 0.1]) for shape in [(7, 9), (12, 5), (4, 4)]]
-    preds = [np.where(rng.random(t.shape) < 0.6, np.where(t == 255, 0, t), rng.integers(0, 4, t.shape)) for t in targets]
+    preds = [
+        np.where(rng.random(t.shape) < 0.6, np.where(t == 255, 0, t), rng.integers(0, 4, t.shape)) for t in targets
+    ]
     metrics = SegmentationMetrics(num_classes=5)
     for pred, target in zip(preds, targets):
         metrics.update(torch.from_numpy(pred)[None], torch.from_numpy(target)[None])
@@ -182,12 +184,20 @@ def test_iteration_schedule_follows_max_steps(tiny_shapes: Path, tmp_path: Path)
         optimizer=lambda params: torch.optim.AdamW(params, lr=6e-5, weight_decay=0.01),
         lr_scheduler=partial(WarmupLR, decay="poly", power=1.0, warmup_iters=1500, warmup_factor=1e-6),
     )
-    data = ADE20KDataModule(str(tiny_shapes), class_names=["a", "b", "c", "d"], crop_size=32, batch_size=2, num_workers=0)
+    data = ADE20KDataModule(
+        str(tiny_shapes), class_names=["a", "b", "c", "d"], crop_size=32, batch_size=2, num_workers=0
+    )
     trainer = Trainer(
-        max_steps=160_000, max_epochs=-1, check_val_every_n_epoch=None, val_check_interval=16_000,
-        callbacks=[_StopAtStart()], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        max_steps=160_000,
+        max_epochs=-1,
+        check_val_every_n_epoch=None,
+        val_check_interval=16_000,
+        callbacks=[_StopAtStart()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
         default_root_dir=tmp_path,
-    )  # fmt: skip
+    )
     trainer.fit(task, datamodule=data)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.total_steps == 160_000 and scheduler.warmup_steps == 1500
