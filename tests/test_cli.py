@@ -11,8 +11,8 @@ import yaml
 
 from swinlab.cli import main
 from swinlab.models import create_model
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
 

@@ -2,14 +2,13 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from swinlab import sweep
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
 

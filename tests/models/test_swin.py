@@ -1,10 +1,10 @@
 import pytest
 import timm
 import torch
-from conftest import official_layout
 
 from swinlab.models import create_model, load_pretrained
 from swinlab.models.swin import SwinBlock, window_layout
+from tests.helpers import official_layout
 
 
 @pytest.mark.parametrize(

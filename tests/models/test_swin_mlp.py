@@ -1,12 +1,12 @@
 import pytest
 import torch
-from conftest import official_layout
 
 from swinlab.models import create_model, load_pretrained
 from swinlab.models.swin_mlp import SwinMLPBlock
 from swinlab.tasks import ClassificationTask
 from swinlab.tasks.detection import DetectionTask
 from swinlab.tasks.segmentation import SegmentationTask
+from tests.helpers import official_layout
 
 TINY = {"embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4, "patch_size": 2, "img_size": 32}
 

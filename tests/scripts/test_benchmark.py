@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+
+from tests.helpers import load_script
 
 
 @pytest.fixture

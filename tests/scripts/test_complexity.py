@@ -1,7 +1,8 @@
 import csv
 
 import pytest
-from conftest import load_script
+
+from tests.helpers import load_script
 
 complexity = load_script("complexity")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load_script
 
 from swinlab.data.coco import COCODataModule
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 

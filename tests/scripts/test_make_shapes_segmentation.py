@@ -2,10 +2,10 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from conftest import load_script
 from PIL import Image
 
 from swinlab.data.ade20k import ADE20KDataModule
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 

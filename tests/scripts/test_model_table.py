@@ -1,6 +1,6 @@
 import json
 
-from conftest import load_script
+from tests.helpers import load_script
 
 
 def test_prints_swin_t_row_next_to_the_paper(tmp_path, capsys):

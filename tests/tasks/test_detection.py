@@ -10,7 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -18,6 +17,7 @@ from pycocotools.cocoeval import COCOeval
 from swinlab.cli import main
 from swinlab.data.coco import COCODataModule
 from swinlab.tasks.detection import DetectionPredictionWriter, DetectionTask, SwinFPN
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "detection").glob("*.yaml"))

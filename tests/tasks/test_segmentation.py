@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_script
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
@@ -12,6 +11,7 @@ from swinlab.cli import main
 from swinlab.data.ade20k import ADE20KDataModule
 from swinlab.optim import WarmupLR
 from swinlab.tasks.segmentation import SegmentationMetrics, SegmentationTask, label_palette
+from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "segmentation").glob("*.yaml"))

@@ -12,8 +12,8 @@ import torch
 from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.cli import main
 from swinlab.models import create_model, load_pretrained
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
 

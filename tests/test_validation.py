@@ -8,8 +8,8 @@ import torch
 
 from swinlab.cli import main
 from swinlab.validation import ConfigError
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
 
