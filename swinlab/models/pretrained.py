@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swinlab.models.hub import resolve_weights
+
 logger = logging.getLogger(__name__)
 
 # Wrappers other code puts around a backbone's keys: DDP, Lightning tasks, mmdet/mmseg.
@@ -33,7 +35,7 @@ class LoadResult(NamedTuple):
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (.pth/.pt/.ckpt/.bin or .safetensors), unwrapped from ``model``/``state_dict``."""
-    path = Path(path)
+    path = resolve_weights(path)  # a file path, or Hub weights by name (swinlab.models.hub)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
     if path.suffix == ".safetensors":
