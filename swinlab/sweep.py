@@ -1,9 +1,11 @@
-"""Grid sweeps: ``python -m swinlab sweep --config BASE.yaml --grid GRID.yaml --out DIR``.
+"""Grid sweeps: ``python -m swinlab sweep --config BASE.yaml --grid GRID.yaml --out DIR [--launcher submitit]``.
 
-Every point of the grid (overrides x seeds) is an ordinary ``fit`` of the base config, run one after the other
-in this process, each in its own folder ``DIR/<point>/seed<k>``. A finished run leaves ``result.json`` there, so
-a restarted sweep skips it; an unfinished one is started again from scratch. After each run the sweep rewrites
-``DIR/results.csv`` and ``DIR/results.md`` (one row per run, then mean +- std over seeds per point) and
+Every point of the grid (overrides x seeds) is an ordinary ``fit`` of the base config, each in its own folder
+``DIR/<point>/seed<k>``. ``--launcher local`` (the default) runs them one after the other in this process;
+``--launcher submitit`` submits them all as one job array through submitit (SLURM on a cluster, subprocesses with
+``--cluster local``) and gathers the results as the jobs finish. A finished run leaves ``result.json`` there, so
+a restarted sweep skips it; an unfinished one is started again from scratch. After each finished run the sweep
+rewrites ``DIR/results.csv`` and ``DIR/results.md`` (one row per run, then mean +- std over seeds per point) and
 ``DIR/results.png`` (the best validation metric per point).
 
 The grid file::
@@ -31,10 +33,10 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 import yaml
@@ -47,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 GRID_KEYS = ("seeds", "grid", "points")
 RESULT_FILE = "result.json"
+LAUNCHERS = ("local", "submitit")
+POLL_SECONDS = 1.0  # how often the submitit launcher asks whether jobs finished (submitit rate-limits sacct)
 COLUMNS = ("point", "seed", "metric", "best", "params_m", "gmacs", "images_per_s", "wall_s", "epochs")
 
 
@@ -125,24 +129,38 @@ def images_per_second(model: nn.Module, input_size: Sequence[int], batch_size: i
         model.train(was_training)
 
 
-def run_point(
-    base_configs: Sequence[Path], overrides: dict[str, Any], seed: int, run_dir: Path, extra_args: Sequence[str]
-) -> dict[str, Any]:
-    """One ``fit`` of a point in ``run_dir``; returns (and writes to ``run_dir/result.json``) its row."""
-    from swinlab.cli import main  # Lightning is imported only when a run starts
+def prepare_run(base_configs: Sequence[Path], overrides: dict[str, Any], seed: int, run_dir: Path) -> Path:
+    """An empty ``run_dir`` (an earlier, unfinished attempt is discarded) holding the run's config; returns its path.
 
-    if run_dir.exists():  # an earlier, unfinished attempt
+    Done once per run by the sweep itself, never by the run's processes: a multi-node run has several.
+    """
+    if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    config = point_config(base_configs, overrides, seed, run_dir)
+    return point_config(base_configs, overrides, seed, run_dir)
+
+
+def run_fit(
+    config: Path, run_dir: Path, overrides: dict[str, Any], seed: int, extra_args: Sequence[str]
+) -> dict[str, Any] | None:
+    """The ``fit`` of one prepared run, in this process (one of its processes for a multi-node job).
+
+    The global-rank-zero process writes the run's row to ``run_dir/result.json`` and returns it; others return None.
+    """
+    from swinlab.cli import main  # Lightning is imported only when a run starts
+
     start = time.perf_counter()
-    # LightningCLI warns when given args while sys.argv holds others (the sweep's own): it reads only args.
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
+    with warnings.catch_warnings():
+        # LightningCLI warns when given args while sys.argv holds others: here those are the sweep's (or the
+        # submitit job's) own, and the fit is meant to read only the args given.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = main(["fit", "--config", str(config), *extra_args])
     wall = time.perf_counter() - start
     trainer = cli.trainer
     if trainer.interrupted:  # Lightning returns from fit after a graceful stop: not a finished run
         raise RuntimeError(f"the fit in {run_dir} was interrupted")
+    if not trainer.is_global_zero:
+        return None
     # The checkpoint that tracks the best score: the one with a monitor (others only refresh last.ckpt).
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor is not None), None)
     metric = checkpoint.monitor if checkpoint is not None else None
@@ -279,7 +297,35 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these of the grid's seeds")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after starting this many runs")
     parser.add_argument("--dry-run", action="store_true", help="list the runs still to do; run nothing")
-    return parser.parse_known_args(argv)
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="local",
+        help="local: one run after the other in this process; submitit: one job per run (a SLURM job array)",
+    )
+    jobs = parser.add_argument_group("submitit launcher (one job per run)")
+    jobs.add_argument(
+        "--cluster",
+        choices=("slurm", "local", "debug"),
+        default=None,
+        help="submitit executor (default: slurm where sbatch exists, else local subprocesses)",
+    )
+    jobs.add_argument("--partition", default=None, help="SLURM partition")
+    jobs.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="GPUs per node, one task (DDP process) each; sets every fit's --trainer.devices and --trainer.num_nodes",
+    )
+    jobs.add_argument("--nodes", type=int, default=1, help="nodes per run (multi-node DDP through Lightning's SLURM)")
+    jobs.add_argument("--time", type=int, default=24 * 60, help="time limit of each job in minutes")
+    jobs.add_argument("--mem-gb", type=int, default=None, help="memory per node in GB (default: the cluster's)")
+    jobs.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task, for data loading workers")
+    jobs.add_argument("--array-parallelism", type=int, default=None, help="at most this many runs at once")
+    args, extra_args = parser.parse_known_args(argv)
+    if args.nodes > 1 and args.gpus_per_node < 1:
+        parser.error(f"--nodes {args.nodes} needs --gpus-per-node >= 1 (one DDP process per GPU)")
+    return args, extra_args
 
 
 def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[dict[str, Any], str, int]]]:
@@ -303,37 +349,115 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[dict[str, Any], str
         for p, n in zip(points, names)
         if not (out_dir / n / f"seed{s}" / RESULT_FILE).is_file()
     ]
-    print(f"sweep {args.grid}: {len(points)} points x {len(seeds)} seeds, {len(todo)} to run, output {out_dir}")
+    logger.info(
+        "sweep %s: %d points x %d seeds, %d to run, output %s", args.grid, len(points), len(seeds), len(todo), out_dir
+    )
     return out_dir, todo
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the sweep; returns the number of runs that failed (the process exit code)."""
-    args, extra_args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        out_dir, todo = plan(args)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"sweep: {err}") from err
-    if args.dry_run:
-        for _, name, seed in todo:
-            print(f"  to run: {name} seed {seed}")
-        return 0
-    out_dir.mkdir(parents=True, exist_ok=True)
+def report(out_dir: Path) -> None:
+    """Rewrite the results tables and plot from every finished run under ``out_dir`` (none: nothing to write)."""
+    rows = collect(out_dir)
+    if rows:
+        write_reports(out_dir, rows)
+
+
+def run_locally(
+    args: argparse.Namespace, out_dir: Path, todo: Sequence[tuple[dict[str, Any], str, int]], extra_args: list[str]
+) -> int:
+    """The runs one after the other in this process; returns how many failed."""
     failed = 0
-    for overrides, name, seed in todo[: args.max_runs]:
-        print(f"sweep: running {name} seed {seed}", flush=True)
+    for overrides, name, seed in todo:
+        logger.info("sweep: running %s seed %d", name, seed)
+        run_dir = out_dir / name / f"seed{seed}"
         try:
-            row = run_point(args.config, overrides, seed, out_dir / name / f"seed{seed}", extra_args)
+            row = run_fit(prepare_run(args.config, overrides, seed, run_dir), run_dir, overrides, seed, extra_args)
         # A failing point must not lose the others (it is retried on the next start); SystemExit (a bad
         # argument, or Lightning's SIGTERM) stops the sweep.
         except Exception:
             logger.exception("sweep point %s seed %d failed", name, seed)
             failed += 1
             continue
-        print(f"sweep: {name} seed {seed}: best {row['metric']} = {row['best']}, {row['wall_s']} s", flush=True)
-        rows = collect(out_dir)
-        write_reports(out_dir, rows)
-    rows = collect(out_dir)
-    if rows:
-        write_reports(out_dir, rows)
+        logger.info("sweep: %s seed %d: best %s = %s, %s s", name, seed, row["metric"], row["best"], row["wall_s"])
+        report(out_dir)
+    return failed
+
+
+def submitit_executor(args: argparse.Namespace, folder: Path) -> Any:
+    """The ``submitit.AutoExecutor`` of the job options: one job of nodes x max(GPUs, 1) tasks per run."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
+    options = {
+        "slurm_partition": args.partition,
+        "mem_gb": args.mem_gb,
+        "cpus_per_task": args.cpus_per_task,
+        "slurm_array_parallelism": args.array_parallelism,
+    }
+    executor.update_parameters(
+        name=f"sweep-{args.grid.stem}",
+        timeout_min=args.time,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=max(args.gpus_per_node, 1),
+        **{key: value for key, value in options.items() if value is not None},
+    )
+    return executor
+
+
+def run_with_submitit(
+    args: argparse.Namespace, out_dir: Path, todo: Sequence[tuple[dict[str, Any], str, int]], extra_args: list[str]
+) -> int:
+    """One submitit job per run, submitted as one job array; gathers the results as jobs finish; returns failures.
+
+    A run on ``--gpus-per-node`` G and ``--nodes`` N is one job of N x G tasks, each running the same fit with
+    ``trainer.devices=G`` and ``trainer.num_nodes=N``: Lightning's SLURM environment gives each its rank.
+    """
+    import submitit
+
+    executor = submitit_executor(args, out_dir / "submitit" / "%j")
+    if args.gpus_per_node:  # last, so that they match the allocation whatever the config or extra args say
+        extra_args = [*extra_args, f"--trainer.devices={args.gpus_per_node}", f"--trainer.num_nodes={args.nodes}"]
+    jobs = []
+    with executor.batch():
+        for overrides, name, seed in todo:
+            run_dir = out_dir / name / f"seed{seed}"
+            config = prepare_run(args.config, overrides, seed, run_dir)
+            jobs.append(executor.submit(run_fit, config, run_dir, overrides, seed, extra_args))
+    runs = {job.job_id: (name, seed) for job, (_, name, seed) in zip(jobs, todo)}  # ids exist once the batch is sent
+    for job_id, (name, seed) in runs.items():
+        logger.info("sweep: submitted %s seed %d as job %s", name, seed, job_id)
+    failed = 0
+    for job in submitit.helpers.as_completed(jobs, poll_frequency=POLL_SECONDS):
+        name, seed = runs[job.job_id]
+        try:
+            row = next(row for row in job.results() if row is not None)  # the rank-zero task's
+        except Exception as err:  # a failed or killed job: retried on the next start of the sweep
+            logger.error(
+                "sweep point %s seed %d failed (job %s, log %s): %s", name, seed, job.job_id, job.paths.stderr, err
+            )
+            failed += 1
+            continue
+        logger.info("sweep: %s seed %d: best %s = %s, %s s", name, seed, row["metric"], row["best"], row["wall_s"])
+        report(out_dir)
+    return failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the sweep; returns the number of runs that failed (the process exit code)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # no-op where logging is set up
+    args, extra_args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out_dir, todo = plan(args)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"sweep: {err}") from err
+    todo = todo[: args.max_runs]
+    if args.dry_run:
+        for _, name, seed in todo:
+            logger.info("  to run: %s seed %d", name, seed)
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    launch = run_with_submitit if args.launcher == "submitit" else run_locally
+    failed = launch(args, out_dir, todo, extra_args)
+    report(out_dir)
     return failed

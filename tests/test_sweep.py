@@ -1,7 +1,13 @@
 import csv
 import json
+import logging
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,9 +19,9 @@ QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yam
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
 
 
-def test_sweep_runs_resumes_and_writes_its_table(tmp_path, fashion_mnist_dir, tiny_swin, capsys):
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(
+def write_shift_grid(path: Path) -> Path:
+    """Two points (shifted windows on and off), one seed."""
+    path.write_text(
         yaml.safe_dump(
             {
                 "seeds": [3],
@@ -26,14 +32,12 @@ def test_sweep_runs_resumes_and_writes_its_table(tmp_path, fashion_mnist_dir, ti
             }
         )
     )
-    out = tmp_path / "sweep"
-    args = [
-        "--config",
-        str(QUICKSTART),
-        "--grid",
-        str(grid),
-        "--out",
-        str(out),
+    return path
+
+
+def tiny_fit_args(fashion_mnist_dir: Path, tiny_swin: dict) -> list[str]:
+    """One epoch of a tiny Swin on the tiny Fashion-MNIST fixture, on the CPU."""
+    return [
         *CPU,
         f"--data.init_args.data_dir={fashion_mnist_dir}",
         "--data.init_args.val_size=8",
@@ -44,10 +48,28 @@ def test_sweep_runs_resumes_and_writes_its_table(tmp_path, fashion_mnist_dir, ti
         "--test_after_fit=false",
         f"--model.init_args.backbone_kwargs={json.dumps({**tiny_swin, 'in_chans': 1})}",
     ]
+
+
+def read_results(out: Path) -> list[dict]:
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_runs_resumes_and_writes_its_table(tmp_path, fashion_mnist_dir, tiny_swin, caplog):
+    grid = write_shift_grid(tmp_path / "grid.yaml")
+    out = tmp_path / "sweep"
+    args = [
+        "--config",
+        str(QUICKSTART),
+        "--grid",
+        str(grid),
+        "--out",
+        str(out),
+        *tiny_fit_args(fashion_mnist_dir, tiny_swin),
+    ]
     assert sweep.main(args) == 0
 
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_results(out)
     assert [(r["point"], r["seed"]) for r in rows] == [("shift=false", "3"), ("shift=true", "3")]
     for row in rows:
         assert row["metric"] == "val/top1" and 0.0 <= float(row["best"]) <= 1.0
@@ -60,9 +82,9 @@ def test_sweep_runs_resumes_and_writes_its_table(tmp_path, fashion_mnist_dir, ti
 
     # A restart finds both runs finished and reruns neither (their results stay untouched).
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed3/result.json")}
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="swinlab.sweep")
     assert sweep.main(args) == 0
-    assert "0 to run" in capsys.readouterr().out
+    assert "0 to run" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed3/result.json")} == stamps
 
 
@@ -102,7 +124,92 @@ def test_python_m_swinlab_sweep_dispatches_and_reports_bad_input(tmp_path):
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert (
-        done.returncode == 0 and "1 points x 1 seeds, 1 to run" in done.stdout and "shift=false seed 1" in done.stdout
+        done.returncode == 0 and "1 points x 1 seeds, 1 to run" in done.stderr and "shift=false seed 1" in done.stderr
     )
     with pytest.raises(SystemExit, match=r"sweep: --seeds \[7\] are not in the grid's seeds \[0, 1\]"):
         sweep.main([*command[4:-3], "--seeds", "7"])
+
+
+def interrupt_first_started_job(jobs_dir: Path, interrupted: list[str], timeout_s: float = 180.0) -> None:
+    """SIGINT to the first local submitit job whose fit has started (Lightning logged its devices), as
+    ``job.cancel()`` does; its id goes to ``interrupted``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for log in jobs_dir.glob("*/*_0_log.*"):
+            if "GPU available" in log.read_text(errors="replace"):
+                job_id = log.parent.name  # a local job's id is the pid of its controller process
+                os.kill(int(job_id), signal.SIGINT)
+                interrupted.append(job_id)
+                return
+        time.sleep(0.05)
+
+
+def test_submitit_sweep_gathers_results_and_resubmits_a_killed_run(
+    tmp_path, fashion_mnist_dir, tiny_swin, caplog, monkeypatch
+):
+    """Real subprocess jobs (submitit's local executor); one is killed mid-fit; the restarted sweep reruns only it."""
+    monkeypatch.chdir(ROOT)  # the jobs unpickle swinlab.sweep.run_fit from their working folder
+    caplog.set_level(logging.INFO, logger="swinlab.sweep")
+    grid = write_shift_grid(tmp_path / "grid.yaml")
+    out = tmp_path / "sweep"
+    args = [
+        "--config",
+        str(QUICKSTART),
+        "--grid",
+        str(grid),
+        "--out",
+        str(out),
+        "--launcher",
+        "submitit",
+        "--cluster",
+        "local",
+        "--time",
+        "10",
+        *tiny_fit_args(fashion_mnist_dir, tiny_swin),
+    ]
+    interrupted: list[str] = []
+    killer = threading.Thread(target=interrupt_first_started_job, args=(out / "submitit", interrupted))
+    killer.start()
+    assert sweep.main(args) == 1
+    killer.join()
+    assert len(interrupted) == 1 and f"failed (job {interrupted[0]}" in caplog.text
+    finished = list(out.glob("*/seed3/result.json"))
+    assert len(finished) == 1
+    assert [row["point"] for row in read_results(out)] == [finished[0].parent.parent.name]
+    stamp = finished[0].stat().st_mtime_ns
+
+    caplog.clear()
+    assert sweep.main(args) == 0
+    assert "2 points x 1 seeds, 1 to run" in caplog.text
+    rows = read_results(out)
+    assert [(r["point"], r["seed"]) for r in rows] == [("shift=false", "3"), ("shift=true", "3")]
+    assert all(r["metric"] == "val/top1" and 0.0 <= float(r["best"]) <= 1.0 for r in rows)
+    assert finished[0].stat().st_mtime_ns == stamp
+    assert "| shift=true | 3 |" in (out / "results.md").read_text() and (out / "results.png").stat().st_size > 0
+
+
+def test_slurm_job_options_reach_the_sbatch_script(tmp_path, monkeypatch):
+    """Multi-node DDP: nodes x GPUs tasks, one per GPU. submitit wants ``srun`` on the PATH: a stand-in here."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    grid = write_shift_grid(tmp_path / "grid.yaml")
+    options = "--launcher submitit --cluster slurm --partition gpu --nodes 2 --gpus-per-node 4 --time 90 --mem-gb 64"
+    options += " --cpus-per-task 8 --array-parallelism 3"
+    args, _ = sweep.parse_args(["--config", str(QUICKSTART), "--grid", str(grid), *options.split()])
+    executor = sweep.submitit_executor(args, tmp_path / "jobs" / "%j")
+    script = executor._executor._make_submission_file_text("COMMAND", "uid")  # what sbatch would get
+    for line in (
+        "--job-name=sweep-grid",
+        "--partition=gpu",
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--mem=64GB",
+        "--time=90",
+    ):
+        assert f"#SBATCH {line}\n" in script, line
+    assert executor._executor.parameters["array_parallelism"] == 3
