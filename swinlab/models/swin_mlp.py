@@ -18,7 +18,9 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from swinlab.models.swin import PatchMerging, SwinTransformer, _init_weights, window_partition
+from swinlab.models.registry import register_model
+from swinlab.models.swin import PatchMerging, SwinTransformer
+from swinlab.models.windows import window_partition
 
 
 class SwinMLPBlock(nn.Module):
@@ -149,8 +151,6 @@ class SwinMLP(SwinTransformer):
                 f"Swin-MLP takes position_bias 'none' or 'absolute', got {position_bias!r}: its spatial MLP has "
                 "no attention logits for a relative bias to add to"
             )
-        # The Swin constructor validates the arguments and builds embedding, position embedding, norms and
-        # head; its attention stages are then replaced by spatial-MLP stages of the same layout and names.
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -166,26 +166,24 @@ class SwinMLP(SwinTransformer):
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
             out_indices=out_indices,
+            grad_checkpointing=grad_checkpointing,
         )
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.layers = nn.ModuleList(
-            SwinMLPStage(
-                embed_dim * 2**i,
-                depth,
-                num_heads[i],
-                window_size,
-                downsample=i > 0,
-                shift=shift,
-                mlp_ratio=mlp_ratio,
-                drop=drop_rate,
-                drop_path=drop_path[sum(depths[:i]) : sum(depths[: i + 1])],
-            )
-            for i, depth in enumerate(depths)
+
+    def make_stage(self, index: int, drop_path: list[float], feature_size: tuple[int, int]) -> SwinMLPStage:
+        return SwinMLPStage(
+            self.embed_dim * 2**index,
+            self.depths[index],
+            self.num_heads[index],
+            self.window_size,
+            downsample=index > 0,
+            shift=self.shift,
+            mlp_ratio=self.mlp_ratio,
+            drop=self.drop_rate,
+            drop_path=drop_path,
         )
-        self.layers.apply(_init_weights)
-        self.set_grad_checkpointing(grad_checkpointing)
 
 
+@register_model
 def swin_mlp_t(**kwargs) -> SwinMLP:
     """SwinMLP-T/C12 (official config swin_mlp_tiny_c12_patch4_window8_256): C=96, depths 2-2-6-2, heads
     8-16-32-64 (head groups of 12 channels), window 8, 256 px (21.2M params with 1000 classes)."""

@@ -3,7 +3,8 @@ import timm
 import torch
 
 from swinlab.models import create_model, load_pretrained
-from swinlab.models.swin import SwinBlock, window_layout
+from swinlab.models.swin import SwinBlock
+from swinlab.models.windows import window_layout
 from tests.helpers import official_layout
 
 
@@ -245,17 +246,17 @@ def test_layouts_prebuilt_for_img_size_and_cached_for_other_sizes():
     for kind, shift in (("plain", 0), ("shifted", 2)):
         expected = window_layout(16, 16, 4, shift)
         for field, tensor in expected._asdict().items():
-            prebuilt = getattr(stage, f"{kind}_{field}")
+            prebuilt = getattr(stage.layouts, f"{kind}_{field}")
             assert (prebuilt is None) == (tensor is None) and (tensor is None or torch.equal(prebuilt, tensor))
     assert not any("_gather" in key or "_mask" in key for key in model.state_dict())  # not saved in checkpoints
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-        assert stage._layouts == {}  # the img_size layouts are the buffers
+        assert stage.layouts._cache == {}  # the img_size layouts are the buffers
         model(torch.randn(1, 3, 24, 40))
-        first = dict(stage._layouts)
+        first = dict(stage.layouts._cache)
         assert len(first) == 2
         model(torch.randn(2, 3, 24, 40))
-        assert all(stage._layouts[k] is v for k, v in first.items())
+        assert all(stage.layouts._cache[k] is v for k, v in first.items())
 
 
 def test_bf16_autocast_close_to_fp32_and_trains():
