@@ -34,6 +34,44 @@ POSITION_BIAS_CHOICES: tuple[str, ...] = ("relative", "absolute", "relative+abso
 __all__ = ["ATTENTION_CHOICES", "SwinTransformer", "swin_b", "swin_l", "swin_s", "swin_t"]
 
 
+def small_map_window(H: int, W: int, window: int, clip: bool) -> tuple[int, int]:
+    """(window, shift of the shifted blocks) on an H x W map.
+
+    Where the map is no larger than the window, the official code (and so ``clip=True``) shrinks the window to
+    the map's short side and drops the shift; ``clip=False`` keeps both.
+    """
+    if clip and min(H, W) <= window:
+        return min(H, W), 0
+    return window, window // 2
+
+
+def log_small_map(stage: str, H: int, W: int, window: int, clip: bool) -> None:
+    """One line naming the stage whose H x W map is no larger than its window, and what the model does there."""
+    if clip:
+        logger.info(
+            "%s: feature map %dx%d is no larger than window %d: window %d without shift there, as in the official "
+            "code (clip_window_to_feature=False keeps window %d and shift %d)",
+            stage,
+            H,
+            W,
+            window,
+            min(H, W),
+            window,
+            window // 2,
+        )
+    else:
+        logger.info(
+            "%s: feature map %dx%d is no larger than window %d; the shifted blocks still shift by %d "
+            "(the official code shrinks the window and drops the shift here: "
+            "clip_window_to_feature=True matches it)",
+            stage,
+            H,
+            W,
+            window,
+            window // 2,
+        )
+
+
 class PatchEmbed(nn.Module):
     """Patch partition + linear embedding + LayerNorm: (B, C_in, H, W) -> (B, H / p, W / p, C).
 
@@ -199,7 +237,7 @@ class SwinStage(nn.Module):
         attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
         relative_bias: bool = True,
-        clip_window_to_feature: bool = False,
+        clip_window_to_feature: bool = True,
         name: str = "stage",
         attention: AttentionKernel = "auto",
         feature_size: tuple[int, int] | None = None,
@@ -233,22 +271,11 @@ class SwinStage(nn.Module):
 
     def effective_window(self, H: int, W: int, log: bool = True) -> tuple[int, int]:
         """(window, shift) for an H x W map; shift is the one of shifted blocks."""
-        window, shift = self.window_size, self.window_size // 2
-        if min(H, W) <= window:
-            if self.clip_window_to_feature:
-                return min(H, W), 0
-            if log and (H, W) not in self._warned_sizes and not torch.compiler.is_compiling():
-                self._warned_sizes.add((H, W))
-                logger.info(
-                    "%s: feature map %dx%d is no larger than window %d; the shifted blocks still shift by %d "
-                    "(the official code shrinks the window and drops the shift here: "
-                    "pass clip_window_to_feature=True to match it)",
-                    self.name,
-                    H,
-                    W,
-                    window,
-                    shift,
-                )
+        window, shift = small_map_window(H, W, self.window_size, self.clip_window_to_feature)
+        small = min(H, W) <= self.window_size
+        if log and small and (H, W) not in self._warned_sizes and not torch.compiler.is_compiling():
+            self._warned_sizes.add((H, W))
+            log_small_map(self.name, H, W, self.window_size, self.clip_window_to_feature)
         return window, shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,7 +323,7 @@ class SwinTransformer(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
-        clip_window_to_feature: bool = False,
+        clip_window_to_feature: bool = True,
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool | Sequence[bool] = False,
         attention: AttentionKernel = "auto",

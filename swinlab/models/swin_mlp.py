@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from swinlab.models.registry import register_model
-from swinlab.models.swin import PatchMerging, SwinTransformer
+from swinlab.models.swin import PatchMerging, SwinTransformer, log_small_map, small_map_window
 from swinlab.models.windows import window_partition
 
 
@@ -123,9 +123,10 @@ class SwinMLP(SwinTransformer):
     ``forward(x)``: (B, C_in, H, W) -> (B, num_classes) logits (or (B, num_features) when num_classes=0);
     ``forward_features(x)``: NCHW stage maps for ``out_indices``. ``num_heads`` are the spatial MLP's head
     groups. ``position_bias`` is 'none' (the official default) or 'absolute' (the official ``ape``); the spatial
-    MLP weights are themselves position-specific, so there is no relative bias. Any input size works; a map
-    smaller than the window is zero-padded to one window (the official code shrinks the window instead, which
-    needs the input size at construction).
+    MLP weights are themselves position-specific, so there is no relative bias. The spatial MLP is sized for its
+    window, so a stage's window is fixed at construction: where the stage's map at ``img_size`` is no larger than
+    the window, ``clip_window_to_feature`` (default, as the official code) shrinks it to that map and drops the
+    shift. Any input size works; a map smaller than the window is zero-padded to one window.
     """
 
     def __init__(
@@ -143,6 +144,7 @@ class SwinMLP(SwinTransformer):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
+        clip_window_to_feature: bool = True,
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
     ) -> None:
@@ -165,18 +167,22 @@ class SwinMLP(SwinTransformer):
             mlp_ratio=mlp_ratio,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
+            clip_window_to_feature=clip_window_to_feature,
             out_indices=out_indices,
             grad_checkpointing=grad_checkpointing,
         )
 
     def make_stage(self, index: int, drop_path: list[float], feature_size: tuple[int, int]) -> SwinMLPStage:
+        window, shift = small_map_window(*feature_size, self.window_size, self.clip_window_to_feature)
+        if min(feature_size) <= self.window_size:
+            log_small_map(f"stage {index}", *feature_size, self.window_size, self.clip_window_to_feature)
         return SwinMLPStage(
             self.embed_dim * 2**index,
             self.depths[index],
             self.num_heads[index],
-            self.window_size,
+            window,
             downsample=index > 0,
-            shift=self.shift,
+            shift=self.shift and shift > 0,
             mlp_ratio=self.mlp_ratio,
             drop=self.drop_rate,
             drop_path=drop_path,

@@ -60,7 +60,7 @@ def test_cpu_training_path_matches_timm_gradients(tmp_path):
         num_classes=5,
     )
     torch.save(reference.state_dict(), tmp_path / "timm.pth")
-    model = create_model("swin_t", clip_window_to_feature=True, **TINY).eval()
+    model = create_model("swin_t", **TINY).eval()
     load_pretrained(model, tmp_path / "timm.pth")
     reference.eval()
     x = torch.randn(2, 3, 32, 32)
