@@ -5,7 +5,8 @@ ablation is a constructor argument: ``window_size``, ``shift``, ``position_bias`
 ``embed_dim``, ``depths``, ``num_heads``, ``mlp_ratio``, ``qkv_bias``, ``drop_path_rate``.
 
 Any input size works: each block pads its map to the window grid and the attention mask keeps the padding
-out, so a real token only ever attends to real tokens of its own (shifted) window.
+out, so a real token only ever attends to real tokens of its own (shifted) window. How windows are laid out
+lives in :mod:`swinlab.models.windows`, how attention is executed in :mod:`swinlab.models.kernels`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,79 +22,54 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from swinlab.models.kernels import ATTENTION_CHOICES, AttentionKernel, WindowAttentionKernel, add_inplace_chunked
+from swinlab.models.registry import register_model
+from swinlab.models.windows import WindowLayout, WindowLayouts, relative_position_index
+
 logger = logging.getLogger(__name__)
 
 PositionBias = Literal["relative", "absolute", "relative+absolute", "none"]
 POSITION_BIAS_CHOICES: tuple[str, ...] = ("relative", "absolute", "relative+absolute", "none")
-AttentionKernel = Literal["auto", "sdpa", "explicit"]
-ATTENTION_CHOICES: tuple[str, ...] = ("auto", "sdpa", "explicit")
-
-# The official code fills masked attention logits with -100, not -inf: a row that is masked everywhere
-# (possible in a window of padding) then stays finite instead of turning into NaN.
-MASK_VALUE = -100.0
+# ATTENTION_CHOICES is re-exported: scripts/benchmark.py reads the kernel choices from here.
+__all__ = ["ATTENTION_CHOICES", "SwinTransformer", "swin_b", "swin_l", "swin_s", "swin_t"]
 
 
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, W, C) with H, W multiples of ``window`` -> (B * nW, window * window, C)."""
-    B, H, W, C = x.shape
-    x = x.view(B, H // window, window, W // window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+def small_map_window(H: int, W: int, window: int, clip: bool) -> tuple[int, int]:
+    """(window, shift of the shifted blocks) on an H x W map.
 
-
-def relative_position_index(window: int, table_window: int) -> torch.Tensor:
-    """(window^2, window^2) indices into a ((2 * table_window - 1)^2, heads) bias table.
-
-    ``window`` may be smaller than the table's window (a window clipped to a small feature map): its
-    offsets, at most ``window - 1``, all have entries in the larger table.
+    Where the map is no larger than the window, the official code (and so ``clip=True``) shrinks the window to
+    the map's short side and drops the shift; ``clip=False`` keeps both.
     """
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-    relative = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (table_window - 1)
-    return relative[..., 0] * (2 * table_window - 1) + relative[..., 1]
+    if clip and min(H, W) <= window:
+        return min(H, W), 0
+    return window, window // 2
 
 
-class WindowLayout(NamedTuple):
-    """How an H x W map is cut into (shifted) windows, precomputed once per (H, W, window, shift).
-
-    ``gather`` (nW * N,): for each window slot, the row-major index of its source token on the map
-    (padding slots point at token 0; the mask hides them). ``scatter`` (H * W,): the window slot of each
-    token. ``mask`` (nW, N, N) additive, or None where no pair needs masking. One ``index_select`` each
-    way replaces pad + roll + partition (and their reverses), which costs several copies.
-    """
-
-    gather: torch.Tensor
-    scatter: torch.Tensor
-    mask: torch.Tensor | None
-
-
-def window_layout(H: int, W: int, window: int, shift: int, device: torch.device | None = None) -> WindowLayout:
-    """Windows of an H x W map padded to the window grid and cyclically shifted by ``shift``, built on ``device``.
-
-    Two kinds of pairs are masked: tokens from different regions of a shifted window (the paper's SW-MSA
-    mask, regions as in the official code), and keys that are padding.
-    """
-    Hp, Wp = -(-H // window) * window, -(-W // window) * window
-    source = torch.full((Hp, Wp), -1, dtype=torch.long, device=device)
-    source[:H, :W] = torch.arange(H * W, device=device).view(H, W)
-    region = torch.zeros(Hp, Wp, dtype=torch.long, device=device)
-    if shift > 0:
-        source = torch.roll(source, shifts=(-shift, -shift), dims=(0, 1))
-        cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-        for label, (hs, ws) in enumerate((hs, ws) for hs in cuts for ws in cuts):
-            region[hs, ws] = label
-    slots = window_partition(source[None, :, :, None], window).reshape(-1, window * window)  # (nW, N)
-    regions = window_partition(region[None, :, :, None], window).reshape(-1, window * window)
-    padding = slots < 0
-    flat = slots.reshape(-1)
-    # Padding slots write to a spare last entry, dropped after: no data-dependent shapes, so torch.compile
-    # traces this without a graph break.
-    scatter = torch.empty(H * W + 1, dtype=torch.long, device=device)
-    slot = torch.arange(flat.numel(), device=device)
-    scatter = scatter.scatter_(0, flat.masked_fill(padding.reshape(-1), H * W), slot)[: H * W]
-    mask = None
-    if shift > 0 or (Hp, Wp) != (H, W):
-        masked = (regions[:, :, None] != regions[:, None, :]) | padding[:, None, :]
-        mask = torch.zeros(masked.shape, device=device).masked_fill(masked, MASK_VALUE)
-    return WindowLayout(flat.clamp(min=0), scatter, mask)
+def log_small_map(stage: str, H: int, W: int, window: int, clip: bool) -> None:
+    """One line naming the stage whose H x W map is no larger than its window, and what the model does there."""
+    if clip:
+        logger.info(
+            "%s: feature map %dx%d is no larger than window %d: window %d without shift there, as in the official "
+            "code (clip_window_to_feature=False keeps window %d and shift %d)",
+            stage,
+            H,
+            W,
+            window,
+            min(H, W),
+            window,
+            window // 2,
+        )
+    else:
+        logger.info(
+            "%s: feature map %dx%d is no larger than window %d; the shifted blocks still shift by %d "
+            "(the official code shrinks the window and drops the shift here: "
+            "clip_window_to_feature=True matches it)",
+            stage,
+            H,
+            W,
+            window,
+            window // 2,
+        )
 
 
 class PatchEmbed(nn.Module):
@@ -116,25 +92,11 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-def use_explicit_attention(attention: AttentionKernel, device_type: str, needs_grad: bool, compiling: bool) -> bool:
-    """Whether :class:`WindowAttention` runs explicit matmul + softmax rather than SDPA (see its docstring)."""
-    if attention != "auto":
-        return attention == "explicit"
-    if needs_grad:
-        return device_type == "cpu"
-    return device_type == "cuda" and compiling
-
-
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with an optional relative position bias.
 
-    Input (B * nW, N, C) with N = window^2; ``mask`` (nW, N, N) additive or None. ``attention`` picks the
-    kernel: ``"sdpa"`` sums bias and mask into one additive mask for ``scaled_dot_product_attention``;
-    ``"explicit"`` is matmul + softmax with the (nW, heads, N, N) mask added by broadcasting. ``"auto"`` takes
-    what measured faster (docs/benchmarks.md): explicit when training on CPU (SDPA falls back to its math kernel
-    for a mask that needs a gradient, ~20% slower there) and in CUDA inference under ``torch.compile`` (inductor
-    fuses bias, mask and softmax: 1.24x SDPA on an H200); SDPA otherwise (eager CUDA: 1.08-1.16x explicit in
-    inference, 1.17-1.18x in bf16 training). Both compute the same function.
+    Input (B * nW, N, C) with N = window^2; ``mask`` (nW, N, N) additive or None. ``attention`` picks the kernel
+    that executes it (:class:`~swinlab.models.kernels.WindowAttentionKernel`); every kernel computes the same function.
     """
 
     def __init__(
@@ -149,9 +111,7 @@ class WindowAttention(nn.Module):
         attention: AttentionKernel = "auto",
     ) -> None:
         super().__init__()
-        if attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention={attention!r}; choose one of {ATTENTION_CHOICES}")
-        self.attention = attention
+        self.kernel = WindowAttentionKernel(attention)
         self.num_heads = num_heads
         self.window_size = window_size
         self.attn_drop = attn_drop
@@ -167,9 +127,6 @@ class WindowAttention(nn.Module):
         else:
             self.relative_position_bias_table = None
         self._index_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
-        # The last additive mask handed to SDPA, reused while the bias needs no gradient (inference): one entry,
-        # so a changing batch size does not pile up masks.
-        self._mask_cache: tuple[tuple, torch.Tensor | None] | None = None
 
     def relative_bias(self, window: int) -> torch.Tensor | None:
         """(heads, N, N) bias for an effective window (the table's own, or a smaller clipped one)."""
@@ -180,79 +137,20 @@ class WindowAttention(nn.Module):
         else:
             key = (window, self.relative_position_bias_table.device)
             if key not in self._index_cache:
-                with torch.inference_mode(False):  # reused by training steps, see SwinStage.layout
+                with torch.inference_mode(False):  # reused by training steps, see WindowLayouts.get
                     self._index_cache[key] = relative_position_index(window, self.window_size).to(key[1])
             index = self._index_cache[key]
         N = window * window
         return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
 
-    def bias_and_mask(self, window: int, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """Relative bias plus window mask, (nW, heads, N, N), or (1, heads, N, N) without a mask; None if neither."""
-        bias = self.relative_bias(window)
-        if mask is None:
-            return None if bias is None else bias.to(dtype)[None]
-        return (mask[:, None] if bias is None else bias[None] + mask[:, None]).to(dtype)
-
-    def sdpa_mask(
-        self, window: int, mask: torch.Tensor | None, batch: int, dtype: torch.dtype, cacheable: bool
-    ) -> torch.Tensor | None:
-        """The additive mask for SDPA on (B * nW, heads, N, N) logits: (B * nW, heads, N, N), (1, heads, N, N) or None.
-
-        With a window mask it is repeated over the batch: SDPA's fused kernels broadcast a mask only over a
-        batch dimension of size 1, and one copy of the mask measured faster on CPU than folding the windows into
-        the head axis (which copies q, k and v). Cached when ``cacheable`` (nothing needs its gradient, not compiling).
-        """
-        table = self.relative_position_bias_table
-        if cacheable:
-            # A mask made under inference_mode cannot be used where autograd records (e.g. a frozen table in
-            # training), so the mode is part of the key; the table's version changes when weights are loaded.
-            key = (
-                window,
-                batch,
-                dtype,
-                torch.is_inference_mode_enabled(),
-                None if mask is None else mask.data_ptr(),
-                None if table is None else (table.data_ptr(), table._version),
-            )
-            if self._mask_cache is not None and self._mask_cache[0] == key:
-                return self._mask_cache[1]
-        attn_mask = self.bias_and_mask(window, mask, dtype)
-        if attn_mask is not None:
-            if attn_mask.shape[0] > 1:
-                nW, heads, N = attn_mask.shape[:3]
-                attn_mask = attn_mask.expand(batch, nW, heads, N, N).reshape(batch * nW, heads, N, N)
-            # CUDA's fused kernels refuse a mask whose last dimension is strided, as the permuted bias view is (on
-            # an H200 the unmasked blocks fell back to the slow math kernel); a no-op after the repeat above.
-            attn_mask = attn_mask.contiguous()
-        if cacheable:
-            self._mask_cache = (key, attn_mask)
-        return attn_mask
-
     def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         BnW, N, C = x.shape
-        heads, dropout = self.num_heads, self.attn_drop if self.training else 0.0
-        qkv = self.qkv(x).view(BnW, N, 3, heads, C // heads)
+        qkv = self.qkv(x).view(BnW, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, head_dim)
         table = self.relative_position_bias_table
-        needs_grad = table is not None and table.requires_grad and torch.is_grad_enabled()
-        compiling = torch.compiler.is_compiling()
-        if not compiling and needs_grad and self._mask_cache is not None:
-            self._mask_cache = None  # training: do not keep the last validation batch's mask in memory
-        if use_explicit_attention(self.attention, x.device.type, needs_grad, compiling):
-            bias = self.bias_and_mask(window, mask, q.dtype)
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = (attn.view(-1, bias.shape[0], heads, N, N) + bias).view(BnW, heads, N, N)
-            attn = attn.softmax(dim=-1)
-            if dropout:
-                attn = F.dropout(attn, dropout)
-            x = attn @ v
-        else:
-            batch = BnW // (1 if mask is None else mask.shape[0])
-            attn_mask = self.sdpa_mask(window, mask, batch, q.dtype, cacheable=not (compiling or needs_grad))
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
-        x = x.transpose(1, 2).reshape(BnW, N, C)
-        return self.proj_drop(self.proj(x))
+        dropout = self.attn_drop if self.training else 0.0
+        x = self.kernel(q, k, v, window, mask, self.relative_bias, () if table is None else (table,), dropout=dropout)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(BnW, N, C)))
 
 
 class SwinBlock(nn.Module):
@@ -284,6 +182,9 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm2(x))
+
     def forward(self, x: torch.Tensor, window: int, layout: WindowLayout) -> torch.Tensor:
         """``window`` and ``layout`` (padding, shift, mask) are this map's effective ones (see :class:`SwinStage`)."""
         B, H, W, C = x.shape
@@ -291,20 +192,8 @@ class SwinBlock(nn.Module):
         attended = self.attn(windows, window, layout.mask).view(B, -1, C).index_select(1, layout.scatter)
         x = x + self.drop_path(attended.view(B, H, W, C))
         if x.device.type == "cpu" and not self.training and not torch.is_grad_enabled():
-            return self.mlp_inplace_chunked(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def mlp_inplace_chunked(self, x: torch.Tensor) -> torch.Tensor:
-        """``x + mlp(norm2(x))`` computed in place, a few thousand tokens at a time (inference on CPU only).
-
-        The MLP is per token, so chunks give the same result. On CPU every tensor above glibc's mmap threshold
-        (32 MiB, e.g. Swin-T's stage-1 hidden activations at batch 8) is freshly mapped and page-faulted in;
-        ~4 MiB chunks stay in cache and reuse freed memory (Swin-T, batch 8: 1.01-1.07x, docs/benchmarks.md).
-        """
-        tokens = x.view(-1, x.shape[-1])
-        for chunk in tokens.split(max(512, (1 << 20) // self.mlp.fc1.out_features)):
-            chunk += self.mlp(self.norm2(chunk))
-        return x
+            return add_inplace_chunked(x, self.mlp_branch, self.mlp.fc1.out_features)  # same values, less paging
+        return x + self.drop_path(self.mlp_branch(x))
 
 
 class PatchMerging(nn.Module):
@@ -330,10 +219,8 @@ class PatchMerging(nn.Module):
 class SwinStage(nn.Module):
     """Optional patch merging, then ``depth`` blocks alternating W-MSA and SW-MSA. (B, H, W, C) -> (B, H', W', C').
 
-    Window layouts (indices and masks) depend only on (map size, window, shift): built once per size, cached.
-    The layouts of ``feature_size`` (the map size at the model's ``img_size``) are built at construction as
-    non-persistent buffers, so they move with the module and a compiled graph reads them instead of
-    rebuilding them every step.
+    The window layouts (indices and masks) of each map size come from :class:`~swinlab.models.windows.WindowLayouts`;
+    those of ``feature_size`` (the map size at the model's ``img_size``) are built at construction.
     """
 
     def __init__(
@@ -350,7 +237,7 @@ class SwinStage(nn.Module):
         attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
         relative_bias: bool = True,
-        clip_window_to_feature: bool = False,
+        clip_window_to_feature: bool = True,
         name: str = "stage",
         attention: AttentionKernel = "auto",
         feature_size: tuple[int, int] | None = None,
@@ -378,57 +265,25 @@ class SwinStage(nn.Module):
             )
             for j in range(depth)
         )
-        self._layouts: dict[tuple, WindowLayout] = {}
         self._warned_sizes: set[tuple[int, int]] = set()
-        self.feature_size = feature_size
-        if feature_size is not None:
-            window, shift = self.effective_window(*feature_size, log=False)
-            kinds = {"plain": 0, "shifted": shift} if shift else {"plain": 0}
-            for kind, kind_shift in kinds.items():
-                layout = window_layout(*feature_size, window, kind_shift)
-                for field, tensor in layout._asdict().items():
-                    self.register_buffer(f"{kind}_{field}", tensor, persistent=False)
+        prebuilt = self.effective_window(*feature_size, log=False) if feature_size is not None else (0, 0)
+        self.layouts = WindowLayouts(feature_size, *prebuilt)
 
     def effective_window(self, H: int, W: int, log: bool = True) -> tuple[int, int]:
         """(window, shift) for an H x W map; shift is the one of shifted blocks."""
-        window, shift = self.window_size, self.window_size // 2
-        if min(H, W) <= window:
-            if self.clip_window_to_feature:
-                return min(H, W), 0
-            if log and (H, W) not in self._warned_sizes and not torch.compiler.is_compiling():
-                self._warned_sizes.add((H, W))
-                logger.info(
-                    "%s: feature map %dx%d is no larger than window %d; the shifted blocks still shift by %d "
-                    "(the official code shrinks the window and drops the shift here: "
-                    "pass clip_window_to_feature=True to match it)",
-                    self.name,
-                    H,
-                    W,
-                    window,
-                    shift,
-                )
+        window, shift = small_map_window(H, W, self.window_size, self.clip_window_to_feature)
+        small = min(H, W) <= self.window_size
+        if log and small and (H, W) not in self._warned_sizes and not torch.compiler.is_compiling():
+            self._warned_sizes.add((H, W))
+            log_small_map(self.name, H, W, self.window_size, self.clip_window_to_feature)
         return window, shift
-
-    def layout(self, H: int, W: int, window: int, shift: int, device: torch.device) -> WindowLayout:
-        if self.feature_size == (H, W):
-            kind = "shifted" if shift else "plain"
-            return WindowLayout(*(getattr(self, f"{kind}_{field}") for field in WindowLayout._fields))
-        if torch.compiler.is_compiling():
-            return window_layout(H, W, window, shift, device)
-        key = (H, W, window, shift, device)
-        if key not in self._layouts:
-            # Normal tensors even when the first call runs under inference_mode (e.g. Lightning's sanity check):
-            # inference tensors could not be saved for backward by the training steps that reuse them.
-            with torch.inference_mode(False):
-                self._layouts[key] = window_layout(H, W, window, shift, device)
-        return self._layouts[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         H, W = x.shape[1:3]
         window, shift = self.effective_window(H, W)
-        plain = self.layout(H, W, window, 0, x.device)
-        shifted = self.layout(H, W, window, shift, x.device) if shift else plain
+        plain = self.layouts.get(H, W, window, 0, x.device)
+        shifted = self.layouts.get(H, W, window, shift, x.device) if shift else plain
         for block in self.blocks:
             layout = shifted if block.shift_size else plain
             if self.grad_checkpointing and self.training:
@@ -446,8 +301,9 @@ class SwinTransformer(nn.Module):
     With ``out_indices`` given (a dense-prediction backbone) each of those maps has its own LayerNorm
     ``norm{i}`` and there is no final norm or head, as in the official detection/segmentation backbones;
     without it the model is the classifier (final ``norm``, global average pool, ``head``).
-    ``attention`` picks the window-attention kernel (see :class:`WindowAttention`); ``img_size`` is the size
+    ``attention`` picks the window-attention kernel (see :mod:`swinlab.models.kernels`); ``img_size`` is the size
     whose window layouts are prebuilt (any other size works and gets its layouts on first use).
+    Variants with other blocks (Swin-MLP) override :meth:`make_stage`.
     """
 
     def __init__(
@@ -467,7 +323,7 @@ class SwinTransformer(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
-        clip_window_to_feature: bool = False,
+        clip_window_to_feature: bool = True,
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool | Sequence[bool] = False,
         attention: AttentionKernel = "auto",
@@ -478,10 +334,15 @@ class SwinTransformer(nn.Module):
         self.patch_size = patch_size
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.depths = tuple(depths)
+        self.num_heads = tuple(num_heads)
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
         self.num_features = embed_dim * 2 ** (self.num_layers - 1)
         self.out_indices = tuple(out_indices) if out_indices is not None else None
+        # Block hyperparameters, read by make_stage.
+        self.window_size, self.shift, self.mlp_ratio, self.qkv_bias = window_size, shift, mlp_ratio, qkv_bias
+        self.drop_rate, self.attn_drop_rate, self.position_bias = drop_rate, attn_drop_rate, position_bias
+        self.clip_window_to_feature, self.attention = clip_window_to_feature, attention
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         if position_bias in ("absolute", "relative+absolute"):
@@ -499,26 +360,7 @@ class SwinTransformer(nn.Module):
             if i > 0:  # patch merging pads odd sizes
                 feature_size = (-(-feature_size[0] // 2), -(-feature_size[1] // 2))
             start = sum(depths[:i])
-            self.layers.append(
-                SwinStage(
-                    embed_dim * 2**i,
-                    depth,
-                    num_heads[i],
-                    window_size,
-                    downsample=i > 0,
-                    shift=shift,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=drop_path[start : start + depth],
-                    relative_bias=position_bias in ("relative", "relative+absolute"),
-                    clip_window_to_feature=clip_window_to_feature,
-                    name=f"stage {i}",
-                    attention=attention,
-                    feature_size=feature_size,
-                )
-            )
+            self.layers.append(self.make_stage(i, drop_path[start : start + depth], feature_size))
         if self.out_indices is None:
             self.norm = nn.LayerNorm(self.num_features)
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -527,6 +369,32 @@ class SwinTransformer(nn.Module):
                 self.add_module(f"norm{i}", nn.LayerNorm(embed_dim * 2**i))
         self.set_grad_checkpointing(grad_checkpointing)
         self.apply(_init_weights)
+
+    def make_stage(self, index: int, drop_path: list[float], feature_size: tuple[int, int]) -> nn.Module:
+        """Stage ``index``: patch merging (except in stage 0), then its blocks; (B, H, W, C) -> (B, H', W', C').
+
+        ``drop_path`` holds the stochastic-depth rate of each block, ``feature_size`` the stage's map size at
+        ``img_size``. A variant with other blocks overrides this method; the stage needs a ``blocks`` list and a
+        ``grad_checkpointing`` flag.
+        """
+        return SwinStage(
+            self.embed_dim * 2**index,
+            self.depths[index],
+            self.num_heads[index],
+            self.window_size,
+            downsample=index > 0,
+            shift=self.shift,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias,
+            drop=self.drop_rate,
+            attn_drop=self.attn_drop_rate,
+            drop_path=drop_path,
+            relative_bias=self.position_bias in ("relative", "relative+absolute"),
+            clip_window_to_feature=self.clip_window_to_feature,
+            name=f"stage {index}",
+            attention=self.attention,
+            feature_size=feature_size,
+        )
 
     @property
     def feature_channels(self) -> list[int]:
@@ -540,7 +408,7 @@ class SwinTransformer(nn.Module):
         return self.out_indices if self.out_indices is not None else tuple(range(self.num_layers))
 
     def set_grad_checkpointing(self, enable: bool | Sequence[bool] = True) -> None:
-        """Recompute each block's activations in the backward pass (less memory, ~30% more compute).
+        """Recompute each block's activations in the backward pass (less memory, more compute).
 
         ``enable`` is one flag for all stages or one per stage, e.g. ``(True, True, False, False)`` to
         checkpoint only the high-resolution stages, which hold most of the activation memory.
@@ -662,6 +530,7 @@ def validate_config(
         raise ValueError(f"out_indices={tuple(out_indices)} must name stages in 0..{len(depths) - 1}")
 
 
+@register_model
 def swin_t(**kwargs) -> SwinTransformer:
     """Swin-T: C=96, depths 2-2-6-2, heads 3-6-12-24 (28.3M params, 4.5 GMACs at 224)."""
     return SwinTransformer(
@@ -669,6 +538,7 @@ def swin_t(**kwargs) -> SwinTransformer:
     )
 
 
+@register_model
 def swin_s(**kwargs) -> SwinTransformer:
     """Swin-S: C=96, depths 2-2-18-2, heads 3-6-12-24 (49.6M params, 8.7 GMACs at 224)."""
     return SwinTransformer(
@@ -676,6 +546,7 @@ def swin_s(**kwargs) -> SwinTransformer:
     )
 
 
+@register_model
 def swin_b(**kwargs) -> SwinTransformer:
     """Swin-B: C=128, depths 2-2-18-2, heads 4-8-16-32 (87.8M params, 15.4 GMACs at 224)."""
     return SwinTransformer(
@@ -683,6 +554,7 @@ def swin_b(**kwargs) -> SwinTransformer:
     )
 
 
+@register_model
 def swin_l(**kwargs) -> SwinTransformer:
     """Swin-L: C=192, depths 2-2-18-2, heads 6-12-24-48 (196.5M params, 34.5 GMACs at 224)."""
     return SwinTransformer(

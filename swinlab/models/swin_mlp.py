@@ -18,7 +18,9 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from swinlab.models.swin import PatchMerging, SwinTransformer, _init_weights, window_partition
+from swinlab.models.registry import register_model
+from swinlab.models.swin import PatchMerging, SwinTransformer, log_small_map, small_map_window
+from swinlab.models.windows import window_partition
 
 
 class SwinMLPBlock(nn.Module):
@@ -121,9 +123,10 @@ class SwinMLP(SwinTransformer):
     ``forward(x)``: (B, C_in, H, W) -> (B, num_classes) logits (or (B, num_features) when num_classes=0);
     ``forward_features(x)``: NCHW stage maps for ``out_indices``. ``num_heads`` are the spatial MLP's head
     groups. ``position_bias`` is 'none' (the official default) or 'absolute' (the official ``ape``); the spatial
-    MLP weights are themselves position-specific, so there is no relative bias. Any input size works; a map
-    smaller than the window is zero-padded to one window (the official code shrinks the window instead, which
-    needs the input size at construction).
+    MLP weights are themselves position-specific, so there is no relative bias. The spatial MLP is sized for its
+    window, so a stage's window is fixed at construction: where the stage's map at ``img_size`` is no larger than
+    the window, ``clip_window_to_feature`` (default, as the official code) shrinks it to that map and drops the
+    shift. Any input size works; a map smaller than the window is zero-padded to one window.
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class SwinMLP(SwinTransformer):
         mlp_ratio: float = 4.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
+        clip_window_to_feature: bool = True,
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
     ) -> None:
@@ -149,8 +153,6 @@ class SwinMLP(SwinTransformer):
                 f"Swin-MLP takes position_bias 'none' or 'absolute', got {position_bias!r}: its spatial MLP has "
                 "no attention logits for a relative bias to add to"
             )
-        # The Swin constructor validates the arguments and builds embedding, position embedding, norms and
-        # head; its attention stages are then replaced by spatial-MLP stages of the same layout and names.
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -165,27 +167,29 @@ class SwinMLP(SwinTransformer):
             mlp_ratio=mlp_ratio,
             drop_rate=drop_rate,
             drop_path_rate=drop_path_rate,
+            clip_window_to_feature=clip_window_to_feature,
             out_indices=out_indices,
+            grad_checkpointing=grad_checkpointing,
         )
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.layers = nn.ModuleList(
-            SwinMLPStage(
-                embed_dim * 2**i,
-                depth,
-                num_heads[i],
-                window_size,
-                downsample=i > 0,
-                shift=shift,
-                mlp_ratio=mlp_ratio,
-                drop=drop_rate,
-                drop_path=drop_path[sum(depths[:i]) : sum(depths[: i + 1])],
-            )
-            for i, depth in enumerate(depths)
+
+    def make_stage(self, index: int, drop_path: list[float], feature_size: tuple[int, int]) -> SwinMLPStage:
+        window, shift = small_map_window(*feature_size, self.window_size, self.clip_window_to_feature)
+        if min(feature_size) <= self.window_size:
+            log_small_map(f"stage {index}", *feature_size, self.window_size, self.clip_window_to_feature)
+        return SwinMLPStage(
+            self.embed_dim * 2**index,
+            self.depths[index],
+            self.num_heads[index],
+            window,
+            downsample=index > 0,
+            shift=self.shift and shift > 0,
+            mlp_ratio=self.mlp_ratio,
+            drop=self.drop_rate,
+            drop_path=drop_path,
         )
-        self.layers.apply(_init_weights)
-        self.set_grad_checkpointing(grad_checkpointing)
 
 
+@register_model
 def swin_mlp_t(**kwargs) -> SwinMLP:
     """SwinMLP-T/C12 (official config swin_mlp_tiny_c12_patch4_window8_256): C=96, depths 2-2-6-2, heads
     8-16-32-64 (head groups of 12 channels), window 8, 256 px (21.2M params with 1000 classes)."""

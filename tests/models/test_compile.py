@@ -7,7 +7,7 @@ import timm
 import torch
 
 from swinlab.models import create_model, load_pretrained
-from swinlab.models.swin import use_explicit_attention
+from swinlab.models.kernels import use_explicit_attention
 
 # Two stages at 36x36 with 4x4 windows: maps 18x18 and 9x9 need padding, and the odd blocks shift.
 TINY = dict(
@@ -60,7 +60,7 @@ def test_cpu_training_path_matches_timm_gradients(tmp_path):
         num_classes=5,
     )
     torch.save(reference.state_dict(), tmp_path / "timm.pth")
-    model = create_model("swin_t", clip_window_to_feature=True, **TINY).eval()
+    model = create_model("swin_t", **TINY).eval()
     load_pretrained(model, tmp_path / "timm.pth")
     reference.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -102,7 +102,7 @@ def test_sdpa_masks_are_contiguous():
     model = create_model("swin_t", attention="sdpa", **TINY).eval()
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
-    masks = [block.attn._mask_cache[1] for stage in model.layers for block in stage.blocks]
+    masks = [block.attn.kernel._mask_cache[1] for stage in model.layers for block in stage.blocks]
     assert [mask.shape[0] for mask in masks] == [1, 2 * 16, 1, 2 * 4]  # plain blocks (16x16, 8x8 maps): bias only
     assert all(mask.is_contiguous() for mask in masks)
 
@@ -175,6 +175,6 @@ def test_training_after_inference_mode_reuses_layouts_and_drops_masks(clip):
     x = torch.randn(2, 3, 12, 12)  # the second stage's 3x3 map is smaller than the 4x4 window
     with torch.inference_mode():
         model(x)
-    assert all(attn._mask_cache is not None for attn in attentions)
+    assert all(attn.kernel._mask_cache is not None for attn in attentions)
     model.train()(x).sum().backward()
-    assert all(attn._mask_cache is None for attn in attentions)
+    assert all(attn.kernel._mask_cache is None for attn in attentions)

@@ -3,7 +3,8 @@ import timm
 import torch
 
 from swinlab.models import create_model, load_pretrained
-from swinlab.models.swin import SwinBlock, window_layout
+from swinlab.models.swin import SwinBlock
+from swinlab.models.windows import window_layout
 from tests.helpers import official_layout
 
 
@@ -40,7 +41,7 @@ def test_timm_state_dict_gives_same_logits(tmp_path, timm_swin_tiny):
     reference, x, expected = timm_swin_tiny
     path = tmp_path / "timm.pth"
     torch.save(reference.state_dict(), path)
-    model = create_model("swin_t", clip_window_to_feature=True).eval()
+    model = create_model("swin_t").eval()
     result = load_pretrained(model, path)
     assert not result.missing_keys and not result.unexpected_keys
     with torch.no_grad():
@@ -221,19 +222,23 @@ def test_shift_switch_changes_only_the_shifted_blocks():
     assert [b.shift_size for s in plain.layers for b in s.blocks] == [0, 0, 0, 0]
 
 
-def test_small_feature_map_is_logged_once_or_clipped(caplog):
+def test_small_feature_map_is_clipped_by_default_and_logged_once(caplog):
     kwargs = dict(
         img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=2
     )
-    model = create_model("swin_t", **kwargs).eval()
-    with caplog.at_level("INFO", logger="swinlab.models.swin"), torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))
-        model(torch.randn(1, 3, 32, 32))
-    notes = [r.getMessage() for r in caplog.records if "no larger than window" in r.getMessage()]
-    assert len(notes) == 1 and notes[0].startswith("stage 1")
-    clipped = create_model("swin_t", clip_window_to_feature=True, **kwargs)
+    for clip in (True, False):
+        model = create_model("swin_t", **kwargs, **({} if clip else {"clip_window_to_feature": False})).eval()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="swinlab.models.swin"), torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+            model(torch.randn(1, 3, 32, 32))
+        notes = [r.getMessage() for r in caplog.records if "no larger than window" in r.getMessage()]
+        assert len(notes) == 1 and notes[0].startswith("stage 1"), notes
+        assert ("without shift" in notes[0]) == clip
+    clipped = create_model("swin_t", **kwargs)
     assert clipped.layers[1].effective_window(4, 4) == (4, 0)
     assert clipped.layers[1].effective_window(3, 5) == (3, 0)
+    assert clipped.layers[0].effective_window(8, 8) == (4, 2)
     assert model.layers[1].effective_window(4, 4) == (4, 2)
 
 
@@ -245,17 +250,17 @@ def test_layouts_prebuilt_for_img_size_and_cached_for_other_sizes():
     for kind, shift in (("plain", 0), ("shifted", 2)):
         expected = window_layout(16, 16, 4, shift)
         for field, tensor in expected._asdict().items():
-            prebuilt = getattr(stage, f"{kind}_{field}")
+            prebuilt = getattr(stage.layouts, f"{kind}_{field}")
             assert (prebuilt is None) == (tensor is None) and (tensor is None or torch.equal(prebuilt, tensor))
     assert not any("_gather" in key or "_mask" in key for key in model.state_dict())  # not saved in checkpoints
     with torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
-        assert stage._layouts == {}  # the img_size layouts are the buffers
+        assert stage.layouts._cache == {}  # the img_size layouts are the buffers
         model(torch.randn(1, 3, 24, 40))
-        first = dict(stage._layouts)
+        first = dict(stage.layouts._cache)
         assert len(first) == 2
         model(torch.randn(2, 3, 24, 40))
-        assert all(stage._layouts[k] is v for k, v in first.items())
+        assert all(stage.layouts._cache[k] is v for k, v in first.items())
 
 
 def test_bf16_autocast_close_to_fp32_and_trains():
@@ -306,21 +311,34 @@ def test_gradient_checkpointing_gives_same_gradients():
 # ---- checkpoint layouts ---------------------------------------------------------------------------------
 
 
-def test_official_checkpoint_layout_gives_same_logits(tmp_path, timm_swin_tiny):
-    reference, x, expected = timm_swin_tiny
-    checkpoint = official_layout(reference.state_dict())
-    assert "layers.0.downsample.reduction.weight" in checkpoint["model"]
-    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
-    torch.save(checkpoint, path)
-    model = create_model("swin_t", clip_window_to_feature=True).eval()
+@pytest.mark.parametrize(
+    "name,timm_name,kwargs,size",
+    [
+        ("swin_t", "swin_tiny_patch4_window7_224", {}, (224, 224)),
+        # Non-square: every map is a multiple of the window and larger than it, so timm's function is the
+        # official one (at 256x320 timm attends to zero padding, which swinlab masks; see docs/architecture.md).
+        ("swin_t", "swin_tiny_patch4_window7_224", {}, (448, 672)),
+        ("swin_b", "swin_base_patch4_window12_384", {"window_size": 12, "img_size": 384}, (384, 384)),
+    ],
+)
+def test_default_model_equals_timm_from_timm_and_official_files(tmp_path, name, timm_name, kwargs, size):
+    """create_model(name) without a clip flag computes timm's (the official) function, from either file layout."""
+    torch.manual_seed(0)
+    reference = timm.create_model(timm_name, pretrained=False, img_size=size).eval()
+    model = create_model(name, **kwargs).eval()
+    path = tmp_path / "weights.pth"
+    torch.save(official_layout(reference.state_dict()), path)
     result = load_pretrained(model, path)
     assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(1, 3, *size)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
-    # a detection backbone (features only) takes the same file, skipping the classifier's norm and head
-    features = create_model("swin_t", num_classes=0, out_indices=(0, 1, 2, 3))
-    result = load_pretrained(features, path)
-    assert "head.weight" in result.skipped_keys and not result.unexpected_keys
+        torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=0)
+    loaded = {key: value.clone() for key, value in model.state_dict().items()}
+    torch.save(reference.state_dict(), path)
+    model.apply(lambda m: m.reset_parameters() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm)) else None)
+    assert not load_pretrained(model, path).missing_keys  # the timm file sets the same weights
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded[key]), key
 
 
 def test_safetensors_and_crafted_pickle(tmp_path):

@@ -16,6 +16,10 @@ def test_swin_mlp_t_matches_the_official_size():
     assert sum(p.numel() for p in model.parameters()) == 21_152_072  # official SwinMLP-T/C12: 21.2M
     block = model.layers[2].blocks[1]
     assert block.spatial_mlp.weight.shape == (32 * 64, 64, 1) and block.shift_size == 4
+    # At 256 the last stage's 8x8 map is no larger than the window: the official code drops its shift.
+    assert [b.shift_size for b in model.layers[3].blocks] == [0, 0]
+    kept = create_model("swin_mlp_t", clip_window_to_feature=False, num_classes=0)
+    assert [b.shift_size for b in kept.layers[3].blocks] == [0, 4]
 
 
 @pytest.mark.parametrize("size", [(32, 32), (29, 45), (6, 6)])

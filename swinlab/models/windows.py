@@ -1,0 +1,120 @@
+"""Window layouts: where each token of a (padded, shifted) map goes in the window grid, and which pairs are masked.
+
+:class:`~swinlab.models.swin.SwinStage` asks :class:`WindowLayouts` for the layout of its map; the blocks only
+gather, attend and scatter. Layouts depend on (map size, window, shift) alone, so each is built once and cached
+(docs/benchmarks.md has what that saves).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+# The official code fills masked attention logits with -100, not -inf: a row that is masked everywhere
+# (possible in a window of padding) then stays finite instead of turning into NaN.
+MASK_VALUE = -100.0
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) with H, W multiples of ``window`` -> (B * nW, window * window, C)."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+
+
+def relative_offsets(window: int) -> torch.Tensor:
+    """(window^2, window^2, 2) offsets (dy, dx) from key to query token of a window, each in [-(window-1), window-1]."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    return (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+
+
+def relative_position_index(window: int, table_window: int) -> torch.Tensor:
+    """(window^2, window^2) indices into a ((2 * table_window - 1)^2, heads) bias table.
+
+    ``window`` may be smaller than the table's window (a window clipped to a small feature map): its
+    offsets, at most ``window - 1``, all have entries in the larger table.
+    """
+    relative = relative_offsets(window) + (table_window - 1)
+    return relative[..., 0] * (2 * table_window - 1) + relative[..., 1]
+
+
+class WindowLayout(NamedTuple):
+    """How an H x W map is cut into (shifted) windows, precomputed once per (H, W, window, shift).
+
+    ``gather`` (nW * N,): for each window slot, the row-major index of its source token on the map
+    (padding slots point at token 0; the mask hides them). ``scatter`` (H * W,): the window slot of each
+    token. ``mask`` (nW, N, N) additive, or None where no pair needs masking. One ``index_select`` each
+    way replaces pad + roll + partition (and their reverses), which costs several copies.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    mask: torch.Tensor | None
+
+
+def window_layout(H: int, W: int, window: int, shift: int, device: torch.device | None = None) -> WindowLayout:
+    """Windows of an H x W map padded to the window grid and cyclically shifted by ``shift``, built on ``device``.
+
+    Two kinds of pairs are masked: tokens from different regions of a shifted window (the paper's SW-MSA
+    mask, regions as in the official code), and keys that are padding.
+    """
+    Hp, Wp = -(-H // window) * window, -(-W // window) * window
+    source = torch.full((Hp, Wp), -1, dtype=torch.long, device=device)
+    source[:H, :W] = torch.arange(H * W, device=device).view(H, W)
+    region = torch.zeros(Hp, Wp, dtype=torch.long, device=device)
+    if shift > 0:
+        source = torch.roll(source, shifts=(-shift, -shift), dims=(0, 1))
+        cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+        for label, (hs, ws) in enumerate((hs, ws) for hs in cuts for ws in cuts):
+            region[hs, ws] = label
+    slots = window_partition(source[None, :, :, None], window).reshape(-1, window * window)  # (nW, N)
+    regions = window_partition(region[None, :, :, None], window).reshape(-1, window * window)
+    padding = slots < 0
+    flat = slots.reshape(-1)
+    # Padding slots write to a spare last entry, dropped after: no data-dependent shapes, so torch.compile
+    # traces this without a graph break.
+    scatter = torch.empty(H * W + 1, dtype=torch.long, device=device)
+    slot = torch.arange(flat.numel(), device=device)
+    scatter = scatter.scatter_(0, flat.masked_fill(padding.reshape(-1), H * W), slot)[: H * W]
+    mask = None
+    if shift > 0 or (Hp, Wp) != (H, W):
+        masked = (regions[:, :, None] != regions[:, None, :]) | padding[:, None, :]
+        mask = torch.zeros(masked.shape, device=device).masked_fill(masked, MASK_VALUE)
+    return WindowLayout(flat.clamp(min=0), scatter, mask)
+
+
+class WindowLayouts(nn.Module):
+    """The window layouts of one stage, built once per (H, W, window, shift, device) and cached.
+
+    The layouts of ``feature_size`` (the map size at the model's ``img_size``, with its effective ``window`` and
+    ``shift``) are built at construction as non-persistent buffers ``plain_*`` and ``shifted_*``: they move with
+    the module and a compiled graph reads them instead of rebuilding them every step.
+    """
+
+    def __init__(self, feature_size: tuple[int, int] | None = None, window: int = 0, shift: int = 0) -> None:
+        super().__init__()
+        self.feature_size = feature_size
+        self._cache: dict[tuple, WindowLayout] = {}
+        if feature_size is not None:
+            kinds = {"plain": 0, "shifted": shift} if shift else {"plain": 0}
+            for kind, kind_shift in kinds.items():
+                layout = window_layout(*feature_size, window, kind_shift)
+                for field, tensor in layout._asdict().items():
+                    self.register_buffer(f"{kind}_{field}", tensor, persistent=False)
+
+    def get(self, H: int, W: int, window: int, shift: int, device: torch.device) -> WindowLayout:
+        """The layout of an H x W map cut into ``window`` windows shifted by ``shift``."""
+        if self.feature_size == (H, W):
+            kind = "shifted" if shift else "plain"
+            return WindowLayout(*(getattr(self, f"{kind}_{field}") for field in WindowLayout._fields))
+        if torch.compiler.is_compiling():
+            return window_layout(H, W, window, shift, device)
+        key = (H, W, window, shift, device)
+        if key not in self._cache:
+            # Normal tensors even when the first call runs under inference_mode (e.g. Lightning's sanity check):
+            # inference tensors could not be saved for backward by the training steps that reuse them.
+            with torch.inference_mode(False):
+                self._cache[key] = window_layout(H, W, window, shift, device)
+        return self._cache[key]
