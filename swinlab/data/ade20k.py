@@ -261,12 +261,12 @@ class SegmentationFolder(Dataset):
 class SegmentationParquet(Dataset):
     """Rows of a Hugging Face ``scene_parse_150`` split with an ``image`` and an ``annotation`` column."""
 
-    def __init__(self, dataset: Any, split: Split) -> None:
+    def __init__(self, dataset: Any, split: Split, source: str) -> None:
         self.table, self.split = dataset, split
         missing = {"image", "annotation"} - set(self.table.column_names)
         if missing:
             raise ValueError(
-                f"{split} parquet files need columns 'image' and 'annotation' (scene_parse_150 layout), "
+                f"{source}: parquet files need columns 'image' and 'annotation' (scene_parse_150 layout), "
                 f"missing {sorted(missing)}; found {self.table.column_names}"
             )
 
@@ -420,7 +420,7 @@ class ADE20KDataModule(BaseDataModule):
         if self._resolved_source() == "folder":
             return SegmentationFolder(self.data_root, split, self.on_bad_sample)
         prefix = "train" if split == "training" else "val"
-        return SegmentationParquet(load_split(self.data_root, prefix), split)
+        return SegmentationParquet(load_split(self.data_root, prefix), split, f"{self.data_root} [{prefix}*]")
 
     def _labelled(self, split: Split, train: bool, keep_raw: bool = False) -> Dataset:
         transform = self.train_transform if train else self.eval_transform
