@@ -6,8 +6,9 @@ from swinlab.data.coco import COCODataModule
 
 __all__ += ["COCODataModule"]
 
+from swinlab.data.classification import ImageFolderDataModule  # noqa: E402
 from swinlab.data.fashion_mnist import FashionMNISTDataModule  # noqa: E402
-from swinlab.data.imagenet import ImageFolderDataModule, ImageNetDataModule  # noqa: E402
+from swinlab.data.imagenet import ImageNetDataModule  # noqa: E402
 
 __all__ += ["FashionMNISTDataModule", "ImageFolderDataModule", "ImageNetDataModule"]
 

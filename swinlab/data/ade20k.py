@@ -14,31 +14,24 @@ and ``annotation`` (label map, 0 = other), as in the folder layout.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms.v2.functional import pil_to_tensor
 
-from swinlab.data.bad_samples import (
-    BadSampleError,
-    BadSampleGuard,
-    OnBadSample,
-    check_on_bad_sample,
-    open_image,
-    to_rgb,
-)
-from swinlab.data.resumable import ResumableDataLoader
+from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image
+from swinlab.data.base import BaseDataModule, ImageFilesDataset
+from swinlab.data.huggingface import load_split, read_row
 from swinlab.data.segmentation_transforms import SegmentationEvalTransform, SegmentationTrainTransform
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # mmsegmentation's ADE20KDataset.CLASSES: label k in the annotation files is class k - 1 here.
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -219,11 +212,6 @@ def _label_map_tensor(label_image: Image.Image, name: str) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.uint8))
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 (3, H, W)."""
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
-
-
 class SegmentationFolder(Dataset):
     """``images/{split}/<stem>.jpg`` with ``annotations/{split}/<stem>.png``.
 
@@ -241,9 +229,9 @@ class SegmentationFolder(Dataset):
                     f"{folder} does not exist; ADE20KDataModule expects the ADEChallengeData2016 layout "
                     "images/{training,validation}/*.jpg and annotations/{training,validation}/*.png under data_root"
                 )
-        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
         if not self.images:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {image_dir}")
+            raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {image_dir}")
         self.labels = [label_dir / f"{p.stem}.png" for p in self.images]
         missing = [str(p) for p in self.labels if not p.is_file()]
         if missing:
@@ -261,7 +249,7 @@ class SegmentationFolder(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        image = _to_tensor(open_image(self.images[index]))
+        image = pil_to_tensor(open_image(self.images[index]))
         try:
             with Image.open(self.labels[index]) as label_image:
                 mask = _label_map_tensor(label_image, str(self.labels[index]))
@@ -271,18 +259,15 @@ class SegmentationFolder(Dataset):
 
 
 class SegmentationParquet(Dataset):
-    """Rows of parquet files with an ``image`` and an ``annotation`` column (Hugging Face ``scene_parse_150``)."""
+    """Rows of a Hugging Face ``scene_parse_150`` split with an ``image`` and an ``annotation`` column."""
 
-    def __init__(self, files: Sequence[str | Path], split: Split) -> None:
-        from datasets import Dataset as HFDataset
-
-        self.files, self.split = [str(f) for f in files], split
-        self.table = HFDataset.from_parquet(self.files)
+    def __init__(self, dataset: Any, split: Split, source: str) -> None:
+        self.table, self.split = dataset, split
         missing = {"image", "annotation"} - set(self.table.column_names)
         if missing:
             raise ValueError(
-                f"{self.files[0]}: parquet files need columns 'image' and 'annotation' "
-                f"(scene_parse_150 layout), missing {sorted(missing)}; found {self.table.column_names}"
+                f"{source}: parquet files need columns 'image' and 'annotation' (scene_parse_150 layout), "
+                f"missing {sorted(missing)}; found {self.table.column_names}"
             )
 
     def __len__(self) -> int:
@@ -290,47 +275,8 @@ class SegmentationParquet(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         name = f"{self.split} parquet row {index}"
-        try:
-            row = self.table[index]  # datasets decodes the images here
-            image, annotation = row["image"], row["annotation"]
-            image.load()
-            annotation.load()
-        except (OSError, ValueError, SyntaxError) as err:
-            raise BadSampleError(f"{name}: unreadable image or label map ({type(err).__name__}: {err})") from err
-        mask = _label_map_tensor(annotation, name)
-        image = _to_tensor(to_rgb(image, name))
-        return image, mask, f"{self.split}_{index:06d}"
-
-
-def find_parquet_files(root: str | Path, split: Split) -> list[Path]:
-    """Parquet files under ``root`` whose path has a folder or file name starting with ``train`` / ``val``."""
-    prefix = "train" if split == "training" else "val"
-    root = Path(root)
-    return sorted(
-        p for p in root.rglob("*.parquet") if any(part.lower().startswith(prefix) for part in p.relative_to(root).parts)
-    )
-
-
-class ImageFolder(Dataset):
-    """Every image directly in a folder, for prediction; items are (uint8 (3, H, W), name)."""
-
-    def __init__(self, folder: str | Path, on_bad_sample: OnBadSample = "skip") -> None:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"predict_dir {folder} is not a folder of images")
-        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.images:
-            raise FileNotFoundError(f"predict_dir {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        self.guard = BadSampleGuard(on_bad_sample)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def _read(self, index: int) -> tuple[torch.Tensor, str]:
-        return _to_tensor(open_image(self.images[index])), self.images[index].name
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return self.guard(self._read, index, len(self))
+        row = read_row(self.table, index, name, label_images=["annotation"])
+        return pil_to_tensor(row["image"]), _label_map_tensor(row["annotation"], name), f"{self.split}_{index:06d}"
 
 
 class _Labelled(Dataset):
@@ -379,7 +325,9 @@ class _Labelled(Dataset):
 
 
 class _Unlabelled(Dataset):
-    def __init__(self, source: ImageFolder, transform: SegmentationEvalTransform) -> None:
+    """The ``predict_dir`` images -> ``{"image": transform(image), "raw_image": uint8 (3, H, W), "name": path}``."""
+
+    def __init__(self, source: ImageFilesDataset, transform: SegmentationEvalTransform) -> None:
         self.source, self.transform = source, transform
 
     def __len__(self) -> int:
@@ -395,7 +343,7 @@ def collate_as_lists(samples: list[dict[str, Any]]) -> dict[str, list]:
     return {key: [sample[key] for sample in samples] for key in samples[0]}
 
 
-class ADE20KDataModule(LightningDataModule):
+class ADE20KDataModule(BaseDataModule):
     """ADE20K for UperNet: the mmseg training pipeline, and evaluation at the original resolution.
 
     Training samples are ``{"image": (3, crop, crop), "mask": (crop, crop)}`` stacked into batches. Evaluation
@@ -416,6 +364,8 @@ class ADE20KDataModule(LightningDataModule):
             sizes that differ, a label beyond ``class_names``, an image without a label map.
     """
 
+    eval_collate = staticmethod(collate_as_lists)
+
     def __init__(
         self,
         data_root: str,
@@ -434,8 +384,7 @@ class ADE20KDataModule(LightningDataModule):
         predict_dir: str | None = None,
         on_bad_sample: OnBadSample = "skip",
     ) -> None:
-        super().__init__()
-        self.on_bad_sample = check_on_bad_sample(on_bad_sample)  # now, before any data is read
+        super().__init__(batch_size, eval_batch_size, num_workers, on_bad_sample=on_bad_sample)
         self.data_root = Path(data_root)
         self.class_names = list(class_names) if class_names is not None else list(ADE20K_CLASSES)
         if not self.class_names:
@@ -444,7 +393,6 @@ class ADE20KDataModule(LightningDataModule):
             raise ValueError(f"source must be 'auto', 'folder' or 'parquet', got {source!r}")
         self.source = source
         self.reduce_zero_label = reduce_zero_label
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.predict_dir = predict_dir
         self.train_transform = SegmentationTrainTransform(
             crop_size=crop_size,
@@ -455,18 +403,13 @@ class ADE20KDataModule(LightningDataModule):
             ignore_index=IGNORE_INDEX,
         )
         self.eval_transform = SegmentationEvalTransform(scale=test_scale)
-        self.datasets: dict[str, Dataset] = {}
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def _resolved_source(self) -> str:
         if self.source != "auto":
             return self.source
         if (self.data_root / "images").is_dir():
             return "folder"
-        if any(self.data_root.rglob("*.parquet")):
+        if next(self.data_root.rglob("*.parquet"), None) is not None:
             return "parquet"
         raise FileNotFoundError(
             f"data_root {self.data_root} holds neither images/{{training,validation}} (ADEChallengeData2016 layout) "
@@ -476,14 +419,8 @@ class ADE20KDataModule(LightningDataModule):
     def _split(self, split: Split) -> Dataset:
         if self._resolved_source() == "folder":
             return SegmentationFolder(self.data_root, split, self.on_bad_sample)
-        files = find_parquet_files(self.data_root, split)
-        if not files:
-            prefix = "train" if split == "training" else "val"
-            raise FileNotFoundError(
-                f"no parquet file for the {split} split under {self.data_root}: a folder or file name in the path "
-                f"must start with '{prefix}' (e.g. {self.data_root}/{split}/0000.parquet)"
-            )
-        return SegmentationParquet(files, split)
+        prefix = "train" if split == "training" else "val"
+        return SegmentationParquet(load_split(self.data_root, prefix), split, f"{self.data_root} [{prefix}*]")
 
     def _labelled(self, split: Split, train: bool, keep_raw: bool = False) -> Dataset:
         transform = self.train_transform if train else self.eval_transform
@@ -493,31 +430,12 @@ class ADE20KDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
-            self.datasets["train"] = self._labelled("training", train=True)
+            self.train_set = self._labelled("training", train=True)
         if stage in ("fit", "validate", "test"):
-            self.datasets["val"] = self._labelled("validation", train=False)
+            self.val_set = self.test_set = self._labelled("validation", train=False)
         if stage == "predict":
             if self.predict_dir is not None:
-                self.datasets["predict"] = _Unlabelled(
-                    ImageFolder(self.predict_dir, self.on_bad_sample), self.eval_transform
-                )
+                images = ImageFilesDataset(self.predict_dir, pil_to_tensor, on_bad_sample=self.on_bad_sample)
+                self.predict_set = _Unlabelled(images, self.eval_transform)
             else:
-                self.datasets["predict"] = self._labelled("validation", train=False, keep_raw=True)
-
-    def _loader(self, name: str, train: bool) -> DataLoader:
-        kwargs = {"drop_last": train, "num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
-        if train:
-            return ResumableDataLoader(self.datasets[name], self.batch_size, **kwargs)
-        return DataLoader(self.datasets[name], batch_size=self.eval_batch_size, collate_fn=collate_as_lists, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", train=False)
+                self.predict_set = self._labelled("validation", train=False, keep_raw=True)

@@ -16,25 +16,19 @@ import contextlib
 import io
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from swinlab.data.bad_samples import (
-    BadSampleError,
-    BadSampleGuard,
-    OnBadSample,
-    check_on_bad_sample,
-    open_image,
-    to_rgb,
-)
-from swinlab.data.resumable import ResumableDataLoader
+from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image
+from swinlab.data.base import BaseDataModule
+from swinlab.data.huggingface import load_split, read_row, split_features
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +54,13 @@ def collate_detection(batch: list[Sample]) -> tuple[list[torch.Tensor], list[dic
 
 def _valid_box(x1: float, y1: float, x2: float, y2: float) -> bool:
     return x2 > x1 and y2 > y1
+
+
+def _clip_to_image(box: Sequence[float], width: int, height: int) -> list[float] | None:
+    """An ``x1, y1, x2, y2`` box clipped to the image, or None when it lies outside (empty once clipped)."""
+    x1, y1, x2, y2 = box
+    clipped = [max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)]
+    return clipped if _valid_box(*clipped) else None
 
 
 def _make_target(
@@ -165,8 +166,8 @@ class CocoJsonDetection(Dataset):
         anns, boxes, dropped = [], [], []
         for ann in self._annotations(image_id):
             x, y, w, h = ann["bbox"]
-            box = [max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)]
-            if _valid_box(*box):
+            box = _clip_to_image((x, y, x + w, y + h), width, height)
+            if box is not None:
                 anns.append(ann)
                 boxes.append(box)
             else:
@@ -266,21 +267,14 @@ class HFDetection(Dataset):
         return self.guard(self._read, index, len(self))
 
     def _read(self, index: int) -> Sample:
-        name = f"{self.source} row {self.indices[index]}"
-        try:
-            row = self.dataset[self.indices[index]]  # datasets decodes the image here
-            image = row["image"]
-            image.load()
-        except (OSError, ValueError, SyntaxError) as err:
-            raise BadSampleError(f"{name}: unreadable image ({type(err).__name__}: {err})") from err
-        image = to_rgb(image, name)
+        row = read_row(self.dataset, self.indices[index], f"{self.source} row {self.indices[index]}")
+        image = row["image"]
         width, height = image.size
         objects = row["objects"]
         keep, boxes = [], []
         for i in self._keep(objects):
-            x1, y1, x2, y2 = self._xyxy(objects["bbox"][i])
-            box = [max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)]
-            if _valid_box(*box):  # a box outside the image is empty once clipped
+            box = _clip_to_image(self._xyxy(objects["bbox"][i]), width, height)
+            if box is not None:
                 keep.append(i)
                 boxes.append(box)
         crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
@@ -299,24 +293,7 @@ class HFDetection(Dataset):
         return image, target
 
 
-def _load_hf_split(root: Path, split: str) -> Any:
-    """A split saved with ``DatasetDict.save_to_disk(root)`` or as ``root/{split}*.parquet``."""
-    import datasets
-
-    if (root / "dataset_dict.json").is_file():
-        dataset_dict = datasets.load_from_disk(str(root))
-        if split not in dataset_dict:
-            raise ValueError(f"{root}: split {split!r} not found; available splits {list(dataset_dict)}")
-        return dataset_dict[split]
-    files = sorted(str(p) for p in root.glob(f"{split}*.parquet"))
-    if not files:
-        raise FileNotFoundError(
-            f"{root}: neither a save_to_disk folder (dataset_dict.json) nor parquet files {split}*.parquet"
-        )
-    return datasets.Dataset.from_parquet(files)
-
-
-class COCODataModule(LightningDataModule):
+class COCODataModule(BaseDataModule):
     """COCO detection / instance segmentation.
 
     ``source="coco"``: the standard layout ``root/{train2017,val2017}/`` and
@@ -324,8 +301,12 @@ class COCODataModule(LightningDataModule):
     (``category_ids[label]`` maps back). ``source="hf"``: the same data saved with Hugging Face ``datasets``
     (``save_to_disk`` or parquet; splits ``train``/``validation`` by default), boxes only, so ``masks`` must be
     off. Training leaves out crowd regions and images without annotations; validation keeps both (crowd
-    regions are ignored by the COCO metric, as in the official evaluation).
+    regions are ignored by the COCO metric, as in the official evaluation). Test and predict run on the
+    validation split. Batches are ``(images, targets)`` lists; training keeps the last incomplete batch.
     """
+
+    train_collate = eval_collate = staticmethod(collate_detection)
+    drop_last_train = False
 
     def __init__(
         self,
@@ -341,8 +322,7 @@ class COCODataModule(LightningDataModule):
         flip_prob: float = 0.5,
         on_bad_sample: OnBadSample = "skip",
     ) -> None:
-        super().__init__()
-        self.on_bad_sample = check_on_bad_sample(on_bad_sample)  # now, before any data is read
+        super().__init__(batch_size, eval_batch_size, num_workers, on_bad_sample=on_bad_sample)
         if source not in ("coco", "hf"):
             raise ValueError(f"COCODataModule source must be 'coco' or 'hf', got {source!r}")
         if source == "hf" and masks:
@@ -356,17 +336,8 @@ class COCODataModule(LightningDataModule):
         self.val_split = val_split or ("val2017" if source == "coco" else "validation")
         self.masks = masks
         self.hf_bbox_format = hf_bbox_format
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.flip_prob = flip_prob
         self.category_ids, self.class_names = self._read_categories()
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
 
     def annotation_file(self, split: str) -> Path:
         return self.root / "annotations" / f"instances_{split}.json"
@@ -388,7 +359,8 @@ class COCODataModule(LightningDataModule):
             if not categories:
                 raise ValueError(f"{path}: the 'categories' list is empty or missing")
             return [c["id"] for c in categories], [c["name"] for c in categories]
-        objects = _load_hf_split(self.root, self.val_split).features.get("objects")
+        features, where = split_features(self.root, [self.val_split])
+        objects = features.get("objects")
         # 'objects' is a dict of lists or a list of dicts depending on how it was built; unwrap either.
         while hasattr(objects, "feature"):
             objects = objects.feature
@@ -398,7 +370,7 @@ class COCODataModule(LightningDataModule):
         names = getattr(category, "names", None)
         if names is None:
             raise ValueError(
-                f"{self.root}: objects.category must be a datasets.ClassLabel (its names become class_names), "
+                f"{where}: objects.category must be a datasets.ClassLabel (its names become class_names), "
                 f"got {category}"
             )
         return list(range(len(names))), list(names)
@@ -417,7 +389,7 @@ class COCODataModule(LightningDataModule):
                 on_bad_sample=self.on_bad_sample,
             )
         return HFDetection(
-            _load_hf_split(self.root, split),
+            load_split(self.root, split),
             self.hf_bbox_format,
             drop_crowd=train,
             skip_empty=train,
@@ -431,26 +403,4 @@ class COCODataModule(LightningDataModule):
             self.train_set = self._dataset(self.train_split, train=True)
         if stage in ("fit", "validate", "test", "predict") and self.val_set is None:
             self.val_set = self._dataset(self.val_split, train=False)
-
-    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
-        kwargs = {
-            "num_workers": self.num_workers,
-            "collate_fn": collate_detection,
-            "persistent_workers": self.num_workers > 0,
-            "drop_last": False,
-        }
-        if shuffle:
-            return ResumableDataLoader(dataset, batch_size, **kwargs)
-        return DataLoader(dataset, batch_size=batch_size, **kwargs)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        self.test_set = self.predict_set = self.val_set

@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from swinlab.data.bad_samples import OnBadSample
-from swinlab.data.imagenet import ClassificationDataModule, ImageFilesDataset
+from swinlab.data.base import ImageFilesDataset
+from swinlab.data.classification import ClassificationDataModule
 from swinlab.data.transforms import fashion_mnist_transform
 
 FASHION_MNIST_CLASSES = [

@@ -9,15 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-
-def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+def to_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``size`` as a positive ``(height, width)``; a ValueError naming the argument ``name`` otherwise."""
     pair = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or min(pair) <= 0:
         raise ValueError(f"{name} must be a positive int or (height, width), got {size!r}")
@@ -67,10 +66,10 @@ class SegmentationTrainTransform:
         flip_prob: float = 0.5,
         photometric: bool = True,
         ignore_index: int = 255,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
-        self.crop_size = _pair(crop_size, "crop_size")
+        self.crop_size = to_pair(crop_size, "crop_size")
         if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
             raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {ratio_range!r}")
         self.scale = tuple(scale)
@@ -129,8 +128,8 @@ class SegmentationEvalTransform:
     def __init__(
         self,
         scale: Sequence[int] | None = (2048, 512),
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:
         self.scale = tuple(scale) if scale is not None else None
         self.normalize = v2.Normalize(mean, std)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from swinlab.data.ade20k import ADE20K_CLASSES, ADE20KDataModule, find_parquet_files, reduce_zero_label
+from swinlab.data.ade20k import ADE20K_CLASSES, ADE20KDataModule, reduce_zero_label
+from swinlab.data.huggingface import parquet_files
 from swinlab.data.segmentation_transforms import SegmentationTrainTransform, rescale_size
 
 SIZES = {"training": [(40, 56), (48, 48), (36, 60)], "validation": [(44, 52), (40, 40)]}
@@ -116,7 +117,7 @@ def test_parquet_source_matches_folder(ade_folder: Path, tmp_path_factory) -> No
         }
         (root / "scene_parsing" / split).mkdir(parents=True)
         Dataset.from_dict(rows, features=features).to_parquet(str(root / "scene_parsing" / split / "0000.parquet"))
-    assert [p.parent.name for p in find_parquet_files(root, "training")] == ["train"]
+    assert [p.parent.name for p in parquet_files(root, "train")] == ["train"]
 
     parquet, folder = _module(root), _module(ade_folder, source="folder")
     parquet.setup("fit")
