@@ -170,15 +170,15 @@ class CascadeRoIHeads(nn.Module):
             boxes, matched_idxs, labels, is_gt = self.select_training_samples(index, proposals, targets)
             logits, deltas = self._predict(stage, features, boxes, image_shapes)
             all_labels = torch.cat(labels)
-            positive = all_labels > 0
+            positives = [label > 0 for label in labels]
             decoded = self._decode(stage, deltas, boxes, all_labels)
-            matched_gt = torch.cat([t["boxes"][i] for t, i in zip(targets, matched_idxs)])
+            # Positives only: an image without objects has no GT box to index.
+            matched_gt = torch.cat([t["boxes"][i[p]] for t, i, p in zip(targets, matched_idxs, positives)])
             # As mmdetection (and torchvision's fastrcnn_loss): summed over positives, divided by all sampled RoIs.
-            giou = generalized_box_iou_loss(decoded[positive], matched_gt[positive], reduction="sum")
+            giou = generalized_box_iou_loss(decoded[all_labels > 0], matched_gt, reduction="sum")
             losses[f"loss_classifier_s{index}"] = weight * F.cross_entropy(logits, all_labels)
             losses[f"loss_box_giou_s{index}"] = weight * self.box_loss_weight * giou / max(len(all_labels), 1)
             if self.has_mask:
-                positives = [label > 0 for label in labels]
                 mask_boxes = [b[p] for b, p in zip(boxes, positives)]
                 mask_logits = self._mask_logits(stage, features, mask_boxes, image_shapes)
                 losses[f"loss_mask_s{index}"] = weight * maskrcnn_loss(

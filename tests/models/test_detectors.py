@@ -227,6 +227,18 @@ def test_evaluation_averages_stage_logits_and_mask_probabilities():
     assert paste_masks_in_image(detection["masks"], detection["boxes"], (SIZE, SIZE)).shape[-2:] == (SIZE, SIZE)
 
 
+def test_an_image_without_objects_trains():
+    model = tiny_detector("cascade_mask_rcnn").train()
+    images, targets = synthetic_batch()
+    targets[1] = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "masks": targets[1]["masks"][:0],
+    }
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 def test_class_agnostic_regression_shares_one_box_per_roi():
     model = tiny_detector("cascade_rcnn", class_agnostic=True)
     assert isinstance(model, CascadeRCNN) and not model.roi_heads.has_mask
