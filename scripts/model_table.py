@@ -1,4 +1,4 @@
-"""Print swinlab's parameter counts and multiply-adds next to the paper's (Table 1 / Table 7).
+"""Print swinlab's parameter counts and multiply-adds next to the papers' (Swin Table 1; Swin V2 model hub).
 
     python scripts/model_table.py                 # all variants, markdown table
     python scripts/model_table.py --models swin_t --json table.json
@@ -16,7 +16,8 @@ from pathlib import Path
 from swinlab.models import create_model
 from swinlab.models.flops import count_macs
 
-# (model, input size, window): paper params (M) and GFLOPs (multiply-adds), Table 1.
+# (model, input size, window): paper params (M) and GFLOPs (multiply-adds): Swin Table 1, and the official Swin V2
+# model hub (ImageNet-1K at 256; params rounded as published, timm's exact counts are in tests/models).
 PAPER = {
     ("swin_t", 224, 7): (28, 4.5),
     ("swin_s", 224, 7): (50, 8.7),
@@ -24,6 +25,12 @@ PAPER = {
     ("swin_b", 384, 12): (88, 47.0),
     ("swin_l", 224, 7): (197, 34.5),
     ("swin_l", 384, 12): (197, 103.9),
+    ("swinv2_t", 256, 8): (28, 5.9),
+    ("swinv2_t", 256, 16): (28, 6.6),
+    ("swinv2_s", 256, 8): (50, 11.5),
+    ("swinv2_s", 256, 16): (50, 12.6),
+    ("swinv2_b", 256, 8): (88, 20.3),
+    ("swinv2_b", 256, 16): (88, 21.8),
 }
 
 

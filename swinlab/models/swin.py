@@ -2,7 +2,10 @@
 
 Tensors inside the network are channels-last, ``(B, H, W, C)``; stage outputs leave as NCHW. Every paper
 ablation is a constructor argument: ``window_size``, ``shift``, ``position_bias``, ``patch_size``,
-``embed_dim``, ``depths``, ``num_heads``, ``mlp_ratio``, ``qkv_bias``, ``drop_path_rate``.
+``embed_dim``, ``depths``, ``num_heads``, ``mlp_ratio``, ``qkv_bias``, ``drop_path_rate``. Swin V2 (Liu et al.
+2022, arXiv 2111.09883) is the same model with its changes switched on one by one: ``similarity="cosine"``,
+``position_bias="cpb"`` (with ``pretrained_window_size``), ``norm="res_post"``, ``merge_norm="after"``,
+``qkv_bias="qv"``; ``swinv2_t/s/b/l`` turn all of them on.
 
 Any input size works: each block pads its map to the window grid and the attention mask keeps the padding
 out, so a real token only ever attends to real tokens of its own (shifted) window. How windows are laid out
@@ -24,14 +27,36 @@ from torch.utils.checkpoint import checkpoint
 
 from swinlab.models.kernels import ATTENTION_CHOICES, AttentionKernel, WindowAttentionKernel, add_inplace_chunked
 from swinlab.models.registry import register_model
-from swinlab.models.windows import WindowLayout, WindowLayouts, relative_position_index
+from swinlab.models.windows import WindowLayout, WindowLayouts, log_spaced_offsets, relative_position_index
 
 logger = logging.getLogger(__name__)
 
-PositionBias = Literal["relative", "absolute", "relative+absolute", "none"]
-POSITION_BIAS_CHOICES: tuple[str, ...] = ("relative", "absolute", "relative+absolute", "none")
+# Each Swin V2 change is its own switch, so a sweep can walk from V1 to V2 one change at a time.
+PositionBias = Literal["relative", "absolute", "relative+absolute", "none", "cpb"]
+POSITION_BIAS_CHOICES: tuple[str, ...] = ("relative", "absolute", "relative+absolute", "none", "cpb")
+RelativeBias = Literal["table", "cpb", "none"]  # the block-level bias each position_bias choice gives
+RELATIVE_BIAS_OF = {"relative": "table", "relative+absolute": "table", "cpb": "cpb", "absolute": "none", "none": "none"}
+QKVBias = bool | Literal["qv"]  # "qv": V2's q and v biases without a k bias
+QKV_BIAS_CHOICES: tuple = (True, False, "qv")
+Similarity = Literal["dot", "cosine"]  # V1 scaled dot product; V2 scaled cosine
+SIMILARITY_CHOICES: tuple[str, ...] = ("dot", "cosine")
+NormPlacement = Literal["pre", "res_post"]  # V1 pre-norm; V2 residual post-norm
+NORM_CHOICES: tuple[str, ...] = ("pre", "res_post")
+MergeNorm = Literal["before", "after"]  # patch merging's LayerNorm before (V1) or after (V2) the reduction
+MERGE_NORM_CHOICES: tuple[str, ...] = ("before", "after")
 # ATTENTION_CHOICES is re-exported: scripts/benchmark.py reads the kernel choices from here.
-__all__ = ["ATTENTION_CHOICES", "SwinTransformer", "swin_b", "swin_l", "swin_s", "swin_t"]
+__all__ = [
+    "ATTENTION_CHOICES",
+    "SwinTransformer",
+    "swin_b",
+    "swin_l",
+    "swin_s",
+    "swin_t",
+    "swinv2_b",
+    "swinv2_l",
+    "swinv2_s",
+    "swinv2_t",
+]
 
 
 def small_map_window(H: int, W: int, window: int, clip: bool) -> tuple[int, int]:
@@ -93,10 +118,15 @@ class PatchEmbed(nn.Module):
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside windows, with an optional relative position bias.
+    """Multi-head self-attention inside windows, with a relative position bias.
 
-    Input (B * nW, N, C) with N = window^2; ``mask`` (nW, N, N) additive or None. ``attention`` picks the kernel
-    that executes it (:class:`~swinlab.models.kernels.WindowAttentionKernel`); every kernel computes the same function.
+    Input (B * nW, N, C) with N = window^2; ``mask`` (nW, N, N) additive or None. V1: dot-product logits
+    ``q k^T / sqrt(d)``, bias from a learned ``relative_position_bias_table``. Swin V2 switches:
+    ``similarity="cosine"`` (cos(q, k) times a learned per-head ``exp(logit_scale)``, clamped at 100),
+    ``relative_bias="cpb"`` (``16 * sigmoid(cpb_mlp(log-spaced offsets))``, any window without interpolation;
+    offsets are normalised by ``pretrained_window_size`` when set) and ``qkv_bias="qv"`` (q and v biases, no k
+    bias). ``attention`` picks the kernel that executes it (:class:`~swinlab.models.kernels.WindowAttentionKernel`);
+    every kernel computes the same function.
     """
 
     def __init__(
@@ -104,59 +134,96 @@ class WindowAttention(nn.Module):
         dim: int,
         num_heads: int,
         window_size: int,
-        qkv_bias: bool = True,
+        qkv_bias: QKVBias = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        relative_bias: bool = True,
+        relative_bias: RelativeBias = "table",
         attention: AttentionKernel = "auto",
+        similarity: Similarity = "dot",
+        pretrained_window_size: int = 0,
     ) -> None:
         super().__init__()
         self.kernel = WindowAttentionKernel(attention)
         self.num_heads = num_heads
         self.window_size = window_size
+        self.pretrained_window_size = pretrained_window_size
+        self.similarity = similarity
+        self.kind = relative_bias
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias is True)
+        if qkv_bias == "qv":
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        if relative_bias:
+        if similarity == "cosine":
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.relative_position_bias_table = None
+        if relative_bias == "table":
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
             trunc_normal_(self.relative_position_bias_table, std=0.02)
-            self.register_buffer(
-                "relative_position_index", relative_position_index(window_size, window_size), persistent=False
-            )
-        else:
-            self.relative_position_bias_table = None
-        self._index_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        elif relative_bias == "cpb":
+            hidden = nn.Linear(2, 512)
+            self.cpb_mlp = nn.Sequential(hidden, nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
+            coords = log_spaced_offsets(window_size, pretrained_window_size)
+            self.register_buffer("relative_coords_table", coords, persistent=False)
+        if relative_bias != "none":
+            index = relative_position_index(window_size, window_size)
+            self.register_buffer("relative_position_index", index, persistent=False)
+        self._window_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def bias_weights(self) -> tuple[torch.Tensor, ...]:
+        """The parameters the position bias is computed from."""
+        if self.kind == "table":
+            return (self.relative_position_bias_table,)
+        return tuple(self.cpb_mlp.parameters()) if self.kind == "cpb" else ()
+
+    def window_tensors(self, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(index (N, N) into the bias table, CPB coordinates or None) for an effective window."""
+        coords = getattr(self, "relative_coords_table", None)
+        if window == self.window_size:
+            return self.relative_position_index, coords
+        key = (window, self.relative_position_index.device)
+        if key not in self._window_cache:
+            with torch.inference_mode(False):  # reused by training steps, see WindowLayouts.get
+                if coords is None:  # a clipped window reads the full table at its own offsets
+                    index, coords = relative_position_index(window, self.window_size), None
+                else:  # the CPB computes a table of the clipped window's own offsets
+                    index = relative_position_index(window, window)
+                    coords = log_spaced_offsets(window, self.pretrained_window_size).to(coords.dtype)
+                self._window_cache[key] = (index.to(key[1]), None if coords is None else coords.to(key[1]))
+        return self._window_cache[key]
 
     def relative_bias(self, window: int) -> torch.Tensor | None:
-        """(heads, N, N) bias for an effective window (the table's own, or a smaller clipped one)."""
-        if self.relative_position_bias_table is None:
+        """(heads, N, N) bias for an effective window (the configured one, or a smaller clipped one)."""
+        if self.kind == "none":
             return None
-        if window == self.window_size:
-            index = self.relative_position_index
-        else:
-            key = (window, self.relative_position_bias_table.device)
-            if key not in self._index_cache:
-                with torch.inference_mode(False):  # reused by training steps, see WindowLayouts.get
-                    self._index_cache[key] = relative_position_index(window, self.window_size).to(key[1])
-            index = self._index_cache[key]
+        index, coords = self.window_tensors(window)
+        table = self.relative_position_bias_table if coords is None else 16 * torch.sigmoid(self.cpb_mlp(coords))
         N = window * window
-        return self.relative_position_bias_table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
+        return table[index.reshape(-1)].view(N, N, -1).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         BnW, N, C = x.shape
-        qkv = self.qkv(x).view(BnW, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, heads, N, head_dim)
-        table = self.relative_position_bias_table
+        if hasattr(self, "q_bias"):
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)))
+        else:
+            qkv = self.qkv(x)
+        q, k, v = qkv.view(BnW, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, d)
+        scale = None
+        if self.similarity == "cosine":
+            q = F.normalize(q, dim=-1) * self.logit_scale.clamp(max=math.log(100.0)).exp()
+            k, scale = F.normalize(k, dim=-1), 1.0
         dropout = self.attn_drop if self.training else 0.0
-        x = self.kernel(q, k, v, window, mask, self.relative_bias, () if table is None else (table,), dropout=dropout)
+        x = self.kernel(q, k, v, window, mask, self.relative_bias, self.bias_weights(), scale=scale, dropout=dropout)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(BnW, N, C)))
 
 
 class SwinBlock(nn.Module):
-    """Pre-norm block: (S)W-MSA then MLP, each with a residual and stochastic depth. (B, H, W, C) -> same.
+    """(S)W-MSA then MLP, each with a residual and stochastic depth. (B, H, W, C) -> same.
 
-    ``shift`` is True for the odd blocks of a stage (SW-MSA, cyclic shift by floor(M / 2)).
+    ``shift`` is True for the odd blocks of a stage (SW-MSA, cyclic shift by floor(M / 2)). ``norm="pre"`` (V1)
+    normalises each branch's input, ``"res_post"`` (V2) its output: ``x + norm(attn(x))``.
     """
 
     def __init__(
@@ -166,31 +233,48 @@ class SwinBlock(nn.Module):
         window_size: int = 7,
         shift: bool = False,
         mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
+        qkv_bias: QKVBias = True,
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        relative_bias: bool = True,
+        relative_bias: RelativeBias = "table",
         attention: AttentionKernel = "auto",
+        similarity: Similarity = "dot",
+        norm: NormPlacement = "pre",
+        pretrained_window_size: int = 0,
     ) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift_size = window_size // 2 if shift else 0
+        self.post_norm = norm == "res_post"
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias, attn_drop, drop, relative_bias, attention)
+        self.attn = WindowAttention(
+            dim,
+            num_heads,
+            window_size,
+            qkv_bias,
+            attn_drop,
+            drop,
+            relative_bias,
+            attention,
+            similarity=similarity,
+            pretrained_window_size=pretrained_window_size,
+        )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm2(x))
+        return self.norm2(self.mlp(x)) if self.post_norm else self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor, window: int, layout: WindowLayout) -> torch.Tensor:
         """``window`` and ``layout`` (padding, shift, mask) are this map's effective ones (see :class:`SwinStage`)."""
         B, H, W, C = x.shape
-        windows = self.norm1(x).view(B, H * W, C).index_select(1, layout.gather).view(-1, window * window, C)
+        tokens = (x if self.post_norm else self.norm1(x)).view(B, H * W, C)
+        windows = tokens.index_select(1, layout.gather).view(-1, window * window, C)
         attended = self.attn(windows, window, layout.mask).view(B, -1, C).index_select(1, layout.scatter)
-        x = x + self.drop_path(attended.view(B, H, W, C))
+        attended = attended.view(B, H, W, C)
+        x = x + self.drop_path(self.norm1(attended) if self.post_norm else attended)
         if x.device.type == "cpu" and not self.training and not torch.is_grad_enabled():
             return add_inplace_chunked(x, self.mlp_branch, self.mlp.fc1.out_features)  # same values, less paging
         return x + self.drop_path(self.mlp_branch(x))
@@ -200,11 +284,13 @@ class PatchMerging(nn.Module):
     """Concatenate each 2x2 neighbourhood (4C), LayerNorm, Linear to 2C without bias. (B, H, W, C) -> (B, H/2, W/2, 2C).
 
     Odd sizes are zero-padded first. The concatenation order is the official one (x00, x10, x01, x11).
+    ``norm_after`` (Swin V2) applies the LayerNorm to the reduced 2C channels instead.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, norm_after: bool = False) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm_after = norm_after
+        self.norm = nn.LayerNorm(2 * dim if norm_after else 4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +299,7 @@ class PatchMerging(nn.Module):
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
             H, W = H + H % 2, W + W % 2
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.reduction(self.norm(x))
+        return self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
 
 
 class SwinStage(nn.Module):
@@ -231,20 +317,17 @@ class SwinStage(nn.Module):
         window_size: int,
         downsample: bool,
         shift: bool = True,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
         drop_path: Sequence[float] = (),
-        relative_bias: bool = True,
         clip_window_to_feature: bool = True,
         name: str = "stage",
-        attention: AttentionKernel = "auto",
         feature_size: tuple[int, int] | None = None,
+        merge_norm: MergeNorm = "before",
+        **block_kwargs,
     ) -> None:
+        """``block_kwargs`` go to every :class:`SwinBlock` (mlp_ratio, qkv_bias, relative_bias, similarity, ...)."""
         super().__init__()
         in_dim = dim // 2 if downsample else dim
-        self.downsample = PatchMerging(in_dim) if downsample else nn.Identity()
+        self.downsample = PatchMerging(in_dim, norm_after=merge_norm == "after") if downsample else nn.Identity()
         self.window_size = window_size
         self.clip_window_to_feature = clip_window_to_feature
         self.name = name
@@ -255,13 +338,8 @@ class SwinStage(nn.Module):
                 num_heads,
                 window_size,
                 shift=shift and j % 2 == 1,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop=drop,
-                attn_drop=attn_drop,
                 drop_path=drop_path[j] if drop_path else 0.0,
-                relative_bias=relative_bias,
-                attention=attention,
+                **block_kwargs,
             )
             for j in range(depth)
         )
@@ -319,7 +397,7 @@ class SwinTransformer(nn.Module):
         shift: bool = True,
         position_bias: PositionBias = "relative",
         mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
+        qkv_bias: QKVBias = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
@@ -327,9 +405,26 @@ class SwinTransformer(nn.Module):
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool | Sequence[bool] = False,
         attention: AttentionKernel = "auto",
+        similarity: Similarity = "dot",
+        norm: NormPlacement = "pre",
+        merge_norm: MergeNorm = "before",
+        pretrained_window_size: int | Sequence[int] = 0,
     ) -> None:
         super().__init__()
         validate_config(embed_dim, depths, num_heads, window_size, position_bias, patch_size, out_indices)
+        validate_choices(
+            qkv_bias=(qkv_bias, QKV_BIAS_CHOICES),
+            similarity=(similarity, SIMILARITY_CHOICES),
+            norm=(norm, NORM_CHOICES),
+            merge_norm=(merge_norm, MERGE_NORM_CHOICES),
+        )
+        if isinstance(pretrained_window_size, int):
+            pretrained_window_size = (pretrained_window_size,) * len(depths)
+        if len(pretrained_window_size) != len(depths):
+            raise ValueError(
+                f"pretrained_window_size={tuple(pretrained_window_size)} has {len(pretrained_window_size)} entries for "
+                f"{len(depths)} stages; pass one int, or one per stage"
+            )
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -343,6 +438,8 @@ class SwinTransformer(nn.Module):
         self.window_size, self.shift, self.mlp_ratio, self.qkv_bias = window_size, shift, mlp_ratio, qkv_bias
         self.drop_rate, self.attn_drop_rate, self.position_bias = drop_rate, attn_drop_rate, position_bias
         self.clip_window_to_feature, self.attention = clip_window_to_feature, attention
+        self.similarity, self.norm_placement, self.merge_norm = similarity, norm, merge_norm
+        self.pretrained_window_size = tuple(pretrained_window_size)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         if position_bias in ("absolute", "relative+absolute"):
@@ -369,6 +466,11 @@ class SwinTransformer(nn.Module):
                 self.add_module(f"norm{i}", nn.LayerNorm(embed_dim * 2**i))
         self.set_grad_checkpointing(grad_checkpointing)
         self.apply(_init_weights)
+        if norm == "res_post":  # as the official V2: each residual branch starts as zero
+            for block in (block for stage in self.layers for block in stage.blocks):
+                for layer_norm in (block.norm1, block.norm2):
+                    nn.init.zeros_(layer_norm.weight)
+                    nn.init.zeros_(layer_norm.bias)
 
     def make_stage(self, index: int, drop_path: list[float], feature_size: tuple[int, int]) -> nn.Module:
         """Stage ``index``: patch merging (except in stage 0), then its blocks; (B, H, W, C) -> (B, H', W', C').
@@ -384,16 +486,20 @@ class SwinTransformer(nn.Module):
             self.window_size,
             downsample=index > 0,
             shift=self.shift,
+            drop_path=drop_path,
+            clip_window_to_feature=self.clip_window_to_feature,
+            name=f"stage {index}",
+            feature_size=feature_size,
+            merge_norm=self.merge_norm,
             mlp_ratio=self.mlp_ratio,
             qkv_bias=self.qkv_bias,
             drop=self.drop_rate,
             attn_drop=self.attn_drop_rate,
-            drop_path=drop_path,
-            relative_bias=self.position_bias in ("relative", "relative+absolute"),
-            clip_window_to_feature=self.clip_window_to_feature,
-            name=f"stage {index}",
+            relative_bias=RELATIVE_BIAS_OF[self.position_bias],
             attention=self.attention,
-            feature_size=feature_size,
+            similarity=self.similarity,
+            norm=self.norm_placement,
+            pretrained_window_size=self.pretrained_window_size[index],
         )
 
     @property
@@ -493,6 +599,13 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def validate_choices(**settings: tuple[object, tuple]) -> None:
+    """Raise a ValueError naming the argument whose value is not one of its choices."""
+    for name, (value, choices) in settings.items():
+        if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in choices):
+            raise ValueError(f"{name}={value!r} is not one of {choices}")
+
+
 def _heads_near_dim_32(dim: int) -> int:
     """The divisor of ``dim`` that gives the head dimension closest to the paper's 32."""
     return min((h for h in range(1, dim + 1) if dim % h == 0), key=lambda h: abs(dim / h - 32))
@@ -559,4 +672,84 @@ def swin_l(**kwargs) -> SwinTransformer:
     """Swin-L: C=192, depths 2-2-18-2, heads 6-12-24-48 (196.5M params, 34.5 GMACs at 224)."""
     return SwinTransformer(
         **{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "drop_path_rate": 0.2, **kwargs}
+    )
+
+
+# Swin V2 (Liu et al. 2022, arXiv 2111.09883): the same model with every V2 switch on.
+SWIN_V2 = {
+    "similarity": "cosine",
+    "position_bias": "cpb",
+    "norm": "res_post",
+    "merge_norm": "after",
+    "qkv_bias": "qv",
+}
+
+
+@register_model
+def swinv2_t(**kwargs) -> SwinTransformer:
+    """SwinV2-T at 256, window 8 (timm ``swinv2_tiny_window8_256``; ``window_size=16`` gives ``..._window16_256``)."""
+    return SwinTransformer(
+        **{
+            **SWIN_V2,
+            "img_size": 256,
+            "window_size": 8,
+            "embed_dim": 96,
+            "depths": (2, 2, 6, 2),
+            "num_heads": (3, 6, 12, 24),
+            "drop_path_rate": 0.2,
+            **kwargs,
+        }
+    )
+
+
+@register_model
+def swinv2_s(**kwargs) -> SwinTransformer:
+    """SwinV2-S at 256, window 8 (timm ``swinv2_small_window8_256``; ``window_size=16`` gives ``..._window16_256``)."""
+    return SwinTransformer(
+        **{
+            **SWIN_V2,
+            "img_size": 256,
+            "window_size": 8,
+            "embed_dim": 96,
+            "depths": (2, 2, 18, 2),
+            "num_heads": (3, 6, 12, 24),
+            "drop_path_rate": 0.3,
+            **kwargs,
+        }
+    )
+
+
+@register_model
+def swinv2_b(**kwargs) -> SwinTransformer:
+    """SwinV2-B at 256, window 8 (timm ``swinv2_base_window8_256``; ``window_size=16`` gives ``..._window16_256``)."""
+    return SwinTransformer(
+        **{
+            **SWIN_V2,
+            "img_size": 256,
+            "window_size": 8,
+            "embed_dim": 128,
+            "depths": (2, 2, 18, 2),
+            "num_heads": (4, 8, 16, 32),
+            "drop_path_rate": 0.5,
+            **kwargs,
+        }
+    )
+
+
+@register_model
+def swinv2_l(**kwargs) -> SwinTransformer:
+    """SwinV2-L at 192, window 12 (timm ``swinv2_large_window12_192``); its 384 fine-tune
+    ``swinv2_large_window12to24_192to384`` is ``img_size=384, window_size=24, pretrained_window_size=(12, 12, 12, 6)``.
+    """
+    return SwinTransformer(
+        **{
+            **SWIN_V2,
+            "img_size": 192,
+            "window_size": 12,
+            "embed_dim": 192,
+            "depths": (2, 2, 18, 2),
+            "num_heads": (6, 12, 24, 48),
+            "drop_path_rate": 0.2,
+            **kwargs,
+        }
     )

@@ -7,6 +7,7 @@ gather, attend and scatter. Layouts depend on (map size, window, shift) alone, s
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -118,3 +119,16 @@ class WindowLayouts(nn.Module):
             with torch.inference_mode(False):
                 self._cache[key] = window_layout(H, W, window, shift, device)
         return self._cache[key]
+
+
+def log_spaced_offsets(window: int, pretrained_window: int = 0) -> torch.Tensor:
+    """((2 * window - 1)^2, 2) Swin V2 log-spaced coordinates of every offset (dy, dx) of a window, in the order of
+    :func:`relative_position_index` (with ``table_window=window``).
+
+    Offsets are divided by ``pretrained_window - 1`` (by ``window - 1`` when 0), scaled to [-8, 8] and mapped by
+    sign(x) * log2(1 + |x|) / log2(8), so a window larger than the pre-training one extrapolates gently.
+    """
+    offsets = torch.arange(-(window - 1), window, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1).reshape(-1, 2)
+    table = table / max((pretrained_window or window) - 1, 1) * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
