@@ -95,8 +95,8 @@ def compose(path: str | os.PathLike) -> dict[str, Any]:
 def has_bases(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a YAML file with a top-level ``__base__`` key."""
     path = Path(path)
-    if not path.is_file() or path.suffix not in (".yaml", ".yml"):
-        return False
+    if not path.is_file():
+        return False  # a config given as a string, or a missing file jsonargparse reports
     try:
         content = get_loader("yaml")(path.read_text())
     except yaml.YAMLError:
