@@ -18,6 +18,7 @@ import swinlab.data
 import swinlab.tasks
 from swinlab.callbacks import NonFiniteLossGuard, PreemptionCheckpoint, ResumePosition
 from swinlab.checkpointing import AtomicCheckpointIO
+from swinlab.config_compose import expand_command_line
 from swinlab.validation import (
     check_checkpoint_classes,
     check_num_classes,
@@ -183,6 +184,8 @@ def main(args: list[str] | None = None, run: bool = True) -> SwinLabCLI:
     """
     # Subcommands nest the config under ``fit.``/``test.``...; relative paths let configs write ``${data.x}``.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    # Config files naming a ``__base__`` are composed here, before jsonargparse reads them (swinlab.config_compose).
+    args = expand_command_line(args)
     return SwinLabCLI(
         LightningModule,
         LightningDataModule,
