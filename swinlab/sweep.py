@@ -43,6 +43,7 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
+from swinlab.config_compose import compose
 from swinlab.models.flops import count_macs
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def point_config(base_configs: Sequence[Path], overrides: dict[str, Any], seed: 
 
     Interpolations such as ``${data.init_args.image_size}`` stay unresolved: the CLI resolves them.
     """
-    config = OmegaConf.merge(*(OmegaConf.load(path) for path in base_configs))
+    config = OmegaConf.merge(*(OmegaConf.create(compose(path)) for path in base_configs))
     for key, value in overrides.items():
         OmegaConf.update(config, key, value, merge=True)
     OmegaConf.update(config, "seed_everything", seed)

@@ -114,11 +114,6 @@ def test_ablation_base_is_the_quickstart_shortened() -> None:
     assert not ablation["test_after_fit"] and quickstart["test_after_fit"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="swinlab.sweep.point_config reads its base configs with OmegaConf.load, which keeps __base__ "
-    "unresolved; it should read them with swinlab.config_compose.compose",
-)
 def test_sweep_accepts_a_composed_base(tmp_path: Path) -> None:
     from swinlab.sweep import point_config
 
