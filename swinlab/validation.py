@@ -36,8 +36,12 @@ def backbone_problems(backbone: Any, backbone_kwargs: dict[str, Any] | None, pre
     ``num_heads``, ...), run on the meta device so that no weights are made, and, for a classifier, a first feature
     map (``img_size / patch_size``) smaller than ``window_size``, where every window would be mostly padding.
     """
-    if not isinstance(backbone, str) or backbone not in list_models():
-        return [f"{prefix}.backbone={backbone!r} is not a registered model; choose one of {', '.join(list_models())}"]
+    external = isinstance(backbone, str) and (backbone.startswith("timm/") or ":" in backbone)
+    if not isinstance(backbone, str) or (backbone not in list_models() and not external):
+        return [
+            f"{prefix}.backbone={backbone!r} is not a registered model; choose one of {', '.join(list_models())}, "
+            "'timm/<name>' or '<module>:<function>'"
+        ]
     kwargs = dict(backbone_kwargs or {})
     try:
         with torch.device("meta"):
@@ -46,6 +50,8 @@ def backbone_problems(backbone: Any, backbone_kwargs: dict[str, Any] | None, pre
         return [f"{prefix}.backbone_kwargs: {err}"]
     except (NotImplementedError, RuntimeError):
         pass  # a meta tensor cannot give values (``.tolist()``) later in the constructor: its checks have passed
+    if external:
+        return []  # a timm or user backbone: the window check below is Swin's
     defaults = {name: p.default for name, p in inspect.signature(SwinTransformer).parameters.items()}
     setting = {**defaults, **kwargs}
     img_size, patch_size, window = setting["img_size"], setting["patch_size"], setting["window_size"]

@@ -66,7 +66,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the wrappers other code puts around a backbone's keys (DDP ``module.``, Lightning ``backbone.`` ...)."""
     for prefix in _PREFIXES:
         if any(k.startswith(prefix) for k in state):
             # Lightning task checkpoints hold the backbone under "backbone." next to heads: keep the backbone.
@@ -76,7 +77,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def to_swinlab_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename official or timm keys to swinlab's (timm-like) layout and drop rebuilt buffers."""
-    state = _strip_prefixes(state)
+    state = strip_prefixes(state)
     official = any(k.startswith("layers.0.downsample.") for k in state)
     out = {}
     for key, value in state.items():
@@ -119,7 +120,10 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
     the absolute position embedding; a head of another size is dropped with a warning; a final norm and head
     that a features model (``out_indices``) has no use for are skipped quietly. Missing and unexpected keys are
     logged by name; any other shape mismatch raises a ValueError naming the key, both shapes and the file.
+    A model that knows its own checkpoint layout (``TimmBackbone``) loads through its ``load_pretrained_file``.
     """
+    if hasattr(model, "load_pretrained_file"):
+        return model.load_pretrained_file(path)
     state = to_swinlab_layout(read_state_dict(path))
     target = model.state_dict()
     features_only = getattr(model, "out_indices", None) is not None
