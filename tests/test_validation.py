@@ -39,7 +39,12 @@ def fit_args(data_dir: Path, root: Path, backbone: dict) -> list[str]:
             r"model\.init_args\.backbone='swin_x' is not a registered model; choose one of .*swin_t",
         ),
         (
-            ["--model.init_args.backbone_kwargs.window_size=32"],
+            # Clipping the window to the map is the default (the official function); without it, too large a window
+            # is a config error.
+            [
+                "--model.init_args.backbone_kwargs.window_size=32",
+                "--model.init_args.backbone_kwargs.clip_window_to_feature=false",
+            ],
             r"model\.init_args\.backbone_kwargs\.window_size=32 is larger than the first feature map 16x16 "
             r".*set window_size <= 16",
         ),
