@@ -82,7 +82,11 @@ def parse_config(args: list[str] | None = None) -> Namespace:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
-        parser_kwargs={"parser_mode": "omegaconf+", "prog": "python -m swinlab export"},
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "prog": "python -m swinlab export",
+            "description": "Export a classification or segmentation task as ONNX for CPU inference, optionally INT8.",
+        },
         args=args,
         run=False,
     ).config
