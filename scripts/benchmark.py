@@ -14,7 +14,16 @@ not silently reused). Parameters and optimizer state that exist before the step 
     python scripts/benchmark.py --sizes t s b --device cuda --precisions fp32 bf16 --compile off on \\
         --batch-sizes 64 128 --json bench_cuda.json
 
-Prints a table with the ratios swinlab / peer (the headline) and writes every measurement to ``--json``.
+CPU inference fast paths (``--impls``, infer mode, fp32 runs on the CPU only; elsewhere they are skipped):
+``onnx-fp32``, ``onnx-int8-static``, ``onnx-int8-dynamic`` (swinlab's model exported by ``swinlab.export``
+and run by onnxruntime with as many threads as torch; static INT8 is calibrated on two random images, which sets
+its speed, not a usable accuracy) and ``swinlab-bf16`` (swinlab under bf16 autocast).
+
+    python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 2 \\
+        --impls timm swinlab onnx-fp32 onnx-int8-static onnx-int8-dynamic swinlab-bf16
+
+Prints a table with the ratios of every implementation over timm and torchvision (the headline) and writes every
+measurement to ``--json``.
 """
 
 from __future__ import annotations
@@ -28,21 +37,29 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import timm
 import torch
 import torchvision
 from torch import nn
 
+from swinlab.export import OnnxModel, export_onnx, quantize_int8
 from swinlab.models import create_model
 from swinlab.models.swin import ATTENTION_CHOICES
 
-IMPLEMENTATIONS = ("swinlab", "timm", "torchvision")
+PEERS = ("timm", "torchvision")
+# CPU inference only: exported/quantized swinlab models under onnxruntime, and swinlab under bf16 autocast.
+ONNX_IMPLEMENTATIONS = ("onnx-fp32", "onnx-int8-static", "onnx-int8-dynamic")
+FAST_PATHS = (*ONNX_IMPLEMENTATIONS, "swinlab-bf16")
+IMPLEMENTATIONS = ("swinlab", *PEERS, *FAST_PATHS)
 # size -> (swinlab name, timm name, torchvision builder, the paper's stochastic-depth rate)
 MODELS = {
     "t": ("swin_t", "swin_tiny_patch4_window7_224", torchvision.models.swin_t, 0.2),
@@ -86,6 +103,43 @@ def build_model(
     if impl == "torchvision":
         return torchvision_builder(weights=None, num_classes=num_classes)  # its stochastic depth is the paper's, too
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLEMENTATIONS}")
+
+
+_EXPORT_DIR: tempfile.TemporaryDirectory | None = None
+
+
+@lru_cache
+def onnx_model_path(impl: str, size: str, num_classes: int, image_size: int) -> str:
+    """swinlab's model exported (and quantized) for ``impl``, once per process, in a folder removed at exit."""
+    global _EXPORT_DIR
+    _EXPORT_DIR = _EXPORT_DIR or tempfile.TemporaryDirectory(prefix="swinlab-benchmark-")
+    torch.manual_seed(0)
+    model = build_model("swinlab", size, num_classes, image_size).eval()
+    fp32 = Path(_EXPORT_DIR.name) / f"{size}_{num_classes}_{image_size}_fp32.onnx"
+    if not fp32.exists():
+        export_onnx(model, fp32, (3, image_size, image_size))
+    if impl == "onnx-fp32":
+        return str(fp32)
+    path = fp32.with_name(fp32.name.replace("fp32", impl))
+    calibration = None
+    if impl == "onnx-int8-static":
+        rng = np.random.default_rng(0)
+        calibration = [rng.standard_normal((1, 3, image_size, image_size), np.float32) for _ in range(2)]
+    quantize_int8(fp32, path, calibration)
+    return str(path)
+
+
+def make_fast_path_step(
+    impl: str, size: str, num_classes: int, images: torch.Tensor, swinlab_attention: str
+) -> Callable[[], None]:
+    """One inference step of a CPU fast path (``FAST_PATHS``) on ``images`` (B, 3, S, S)."""
+    if impl == "swinlab-bf16":
+        torch.manual_seed(0)
+        model = build_model("swinlab", size, num_classes, images.shape[-1], swinlab_attention)
+        return make_step(model, "infer", images, images.new_zeros(0, dtype=torch.long), torch.bfloat16)
+    session = OnnxModel(onnx_model_path(impl, size, num_classes, images.shape[-1]), threads=torch.get_num_threads())
+    array = images.numpy()
+    return lambda: session(array)
 
 
 def synchronize(device: torch.device) -> None:
@@ -184,17 +238,28 @@ def benchmark_config(
     image_size: int = 224,
     swinlab_attention: str = "auto",
 ) -> list[Result]:
-    """Times every implementation on the same batch, in alternation; returns one Result per implementation."""
+    """Times every implementation on the same batch, in alternation; returns one Result per implementation.
+
+    The CPU fast paths (``FAST_PATHS``) run only for fp32 inference on the CPU without torch.compile; elsewhere
+    they are left out (and said so).
+    """
+    fast_paths_apply = mode == "infer" and device.type == "cpu" and precision == "fp32" and not compiled
+    if not fast_paths_apply and any(impl in FAST_PATHS for impl in impls):
+        print(f"skipped {[i for i in impls if i in FAST_PATHS]}: CPU fp32 inference without compile only")
+        impls = [impl for impl in impls if impl not in FAST_PATHS]
     torch.manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     labels = torch.randint(0, num_classes, (batch_size,), device=device)
     steps, memory = {}, {}
     for impl in impls:
-        torch.manual_seed(0)
-        model = build_model(impl, size, num_classes, image_size, swinlab_attention).to(device)
-        if compiled:
-            model = torch.compile(model)
-        steps[impl] = make_step(model, mode, images, labels, PRECISIONS[precision])
+        if impl in FAST_PATHS:
+            steps[impl] = make_fast_path_step(impl, size, num_classes, images, swinlab_attention)
+        else:
+            torch.manual_seed(0)
+            model = build_model(impl, size, num_classes, image_size, swinlab_attention).to(device)
+            if compiled:
+                model = torch.compile(model)
+            steps[impl] = make_step(model, mode, images, labels, PRECISIONS[precision])
         for _ in range(warmup):
             steps[impl]()
         synchronize(device)
@@ -230,25 +295,25 @@ def benchmark_config(
 
 
 def format_table(results: list[Result]) -> str:
-    """One row per measurement; ``vs timm`` / ``vs torchvision`` are swinlab's images/s over the peer's."""
+    """One row per measurement; ``vs timm`` / ``vs tv`` are the row's images/s over the peer's (same precision,
+    compile, batch and mode), on every row but the peers' own."""
     header = (
-        f"{'model':8} {'impl':12} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
+        f"{'model':8} {'impl':17} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
         f"{'peak MiB':>9} {'vs timm':>8} {'vs tv':>7}"
     )
     lines = [header, "-" * len(header)]
     key = lambda r: (r.model, r.device, r.precision, r.compiled, r.batch_size, r.mode)  # noqa: E731
-    swinlab = {key(r): r.images_per_s for r in results if r.impl == "swinlab"}
-    peers = {(key(r), r.impl): r.images_per_s for r in results}
+    peers = {(key(r), r.impl): r.images_per_s for r in results if r.impl in PEERS}
     for r in results:
         ratios = ""
-        if r.impl == "swinlab":
+        if r.impl not in PEERS:
             ratios = " ".join(
-                f"{swinlab[key(r)] / peers[(key(r), peer)]:>{w}.2f}x" if (key(r), peer) in peers else " " * (w + 1)
+                f"{r.images_per_s / peers[(key(r), peer)]:>{w}.2f}x" if (key(r), peer) in peers else " " * (w + 1)
                 for peer, w in (("timm", 7), ("torchvision", 6))
             )
         memory = f"{r.peak_memory_mb:9.0f}" if r.peak_memory_mb is not None else f"{'-':>9}"
         lines.append(
-            f"{r.model:8} {r.impl:12} {r.mode:6} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
+            f"{r.model:8} {r.impl:17} {r.mode:6} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
             f"{r.images_per_s:9.2f} {memory} {ratios}"
         )
     return "\n".join(lines)
@@ -268,7 +333,13 @@ def device_name(device: torch.device) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=tuple(MODELS), default=["t"], help="Swin-T/S/B")
-    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        default=["swinlab", *PEERS],
+        help=f"models to time; CPU fp32 inference also has {', '.join(FAST_PATHS)}",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--precisions",

@@ -55,6 +55,26 @@ def test_model_benchmark_writes_every_implementation_and_mode(tmp_path: Path, ca
     assert "vs timm" in table and "swin_t   swinlab" in table
 
 
+def test_cpu_fast_paths_are_timed_against_timm(tmp_path: Path, capsys, restore_threads) -> None:
+    out = tmp_path / "bench.json"
+    fast_paths = ["onnx-fp32", "onnx-int8-static", "onnx-int8-dynamic", "swinlab-bf16"]
+    args = ["--sizes", "t", "--batch-sizes", "2", "--modes", "infer", "train", "--warmup", "0", "--repeats", "1"]
+    args += ["--image-size", "64", "--num-classes", "10", "--threads", "1", "--no-memory", "--json", str(out)]
+    load_script("benchmark").main([*args, "--impls", "timm", *fast_paths])
+    rows = {(r["impl"], r["mode"]): r for r in json.loads(out.read_text())["results"]}
+    # Inference only: training rows exist for timm alone.
+    assert set(rows) == {("timm", "infer"), ("timm", "train")} | {(impl, "infer") for impl in fast_paths}
+    assert all(row["images_per_s"] > 0 for row in rows.values())
+    output = capsys.readouterr().out
+    assert "skipped ['onnx-fp32', 'onnx-int8-static', 'onnx-int8-dynamic', 'swinlab-bf16']" in output
+    table = output[output.index("vs timm") :]
+    table_rows = [line.split() for line in table.splitlines() if line.startswith("swin_t") and "infer" in line]
+    ratios = {row[1]: float(row[-1].rstrip("x")) for row in table_rows if row[1] in fast_paths}
+    timm_speed = rows[("timm", "infer")]["images_per_s"]
+    expected = {impl: rows[(impl, "infer")]["images_per_s"] / timm_speed for impl in ratios}
+    assert set(ratios) == set(fast_paths) and ratios == pytest.approx(expected, abs=0.006)
+
+
 def test_model_benchmark_rejects_bad_arguments() -> None:
     with pytest.raises(SystemExit):
         load_script("benchmark").main(["--repeats", "0"])

@@ -1,0 +1,162 @@
+"""``python -m swinlab export``: ONNX parity with PyTorch, INT8 (static and dynamic), errors, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from swinlab.data import FashionMNISTDataModule
+from swinlab.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from swinlab.export import OnnxModel, build_task, main, parse_config
+from swinlab.tasks import ClassificationTask, SegmentationTask
+from tests.helpers import ROOT
+
+QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+SEGMENTATION = ROOT / "configs" / "segmentation" / "quickstart_shapes.yaml"
+DETECTION = ROOT / "configs" / "detection" / "quickstart_shapes.yaml"
+
+
+def classification_args(tiny_swin: dict, data_dir: Path, *extra: str) -> list[str]:
+    """The quickstart config with the tiny Swin (1 channel, 32x32) on ``data_dir``, loaded in this process."""
+    backbone = json.dumps({**tiny_swin, "in_chans": 1})
+    return [
+        "--config",
+        str(QUICKSTART),
+        f"--model.init_args.backbone_kwargs={backbone}",
+        f"--data.init_args.data_dir={data_dir}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.persistent_workers=false",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def classifier_checkpoint(tiny_swin: dict, tmp_path: Path) -> tuple[ClassificationTask, Path]:
+    """A tiny 10-class classifier with its own random weights, saved as a Lightning checkpoint. Its head is scaled
+    up to give logits of a trained model's size (a few units) rather than the ~0.1 of the initialisation."""
+    torch.manual_seed(123)
+    task = ClassificationTask(backbone_kwargs={**tiny_swin, "in_chans": 1}, num_classes=10).eval()
+    with torch.no_grad():
+        task.backbone.head.weight.mul_(30)
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": {"num_classes": 10}}, path)
+    return task, path
+
+
+def op_types(path: Path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_fp32_export_matches_pytorch_and_its_test_top1(tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path):
+    task, ckpt = classifier_checkpoint
+    output = tmp_path / "model.onnx"
+    report = main(
+        classification_args(tiny_swin, fashion_mnist_dir, f"--ckpt_path={ckpt}", f"--output={output}", "--evaluate")
+    )
+    model = OnnxModel(output)
+    torch.manual_seed(0)
+    for batch in (1, 3):  # the batch dimension is dynamic
+        images = torch.randn(batch, 1, 32, 32)
+        with torch.no_grad():
+            expected = task.backbone(images).numpy()
+        np.testing.assert_allclose(model(images), expected, atol=1e-4, rtol=0)
+    assert report["fp32_max_abs_diff"] < 1e-4
+
+    # --evaluate: the test split's top-1 as PyTorch computes it with the checkpoint's weights.
+    data = FashionMNISTDataModule(data_dir=str(fashion_mnist_dir), batch_size=8)
+    data.setup("test")
+    correct = total = 0
+    with torch.no_grad():
+        for images, labels in data.test_dataloader():
+            correct += int((task.backbone(images).argmax(dim=1) == labels).sum())
+            total += len(labels)
+    assert total == 20 and report["fp32_top1"] == pytest.approx(correct / total)
+
+    with pytest.raises(ValueError, match=r"exported for images of shape \(batch, 1, 32, 32\).*--input_size"):
+        model(np.zeros((1, 1, 64, 64), dtype=np.float32))
+
+
+def input_quantization_scale(path: Path) -> float:
+    """The scale of the QuantizeLinear applied to the model's input images."""
+    graph = onnx.load(str(path)).graph
+    (node,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "images"]
+    (scale,) = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == node.input[1]]
+    return float(scale)
+
+
+def test_static_int8_is_calibrated_on_training_images(tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path):
+    _, ckpt = classifier_checkpoint
+    output = tmp_path / "int8.onnx"
+    extra = (f"--ckpt_path={ckpt}", f"--output={output}", "--quantize=int8", "--calibration_images=24")
+    report = main(classification_args(tiny_swin, fashion_mnist_dir, *extra))
+    assert report["quantization"] == "static"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(output)
+    # The input's uint8 range is the min/max of the normalised training images: the fixture's random pixels
+    # span 0..255, i.e. (0 - mean) / std .. (1 - mean) / std.
+    low, high = (0 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0], (1 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
+    assert input_quantization_scale(output) == pytest.approx((high - low) / 255, rel=1e-5)
+
+
+def test_dynamic_int8_without_data(tiny_swin, classifier_checkpoint, tmp_path, capsys):
+    task, ckpt = classifier_checkpoint
+    output = tmp_path / "int8.onnx"
+    report = main(
+        classification_args(
+            tiny_swin, tmp_path / "no-data", f"--ckpt_path={ckpt}", f"--output={output}", "--quantize=int8"
+        )
+    )
+    assert report["quantization"] == "dynamic" and "no calibration data" in capsys.readouterr().out
+    assert "DynamicQuantizeLinear" in op_types(output) and "QuantizeLinear" not in op_types(output)
+    torch.manual_seed(0)
+    images = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = task.backbone(images).numpy()
+    assert np.abs(OnnxModel(output)(images) - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def test_segmentation_export_matches_pytorch(tmp_path):
+    output = tmp_path / "seg.onnx"
+    backbone = json.dumps({"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4})
+    args = [
+        "--config",
+        str(SEGMENTATION),
+        f"--model.init_args.backbone_kwargs={backbone}",
+        "--model.init_args.num_classes=4",
+        "--input_size=[64, 96]",
+        f"--output={output}",
+    ]
+    report = main(args)
+    assert report["fp32_max_abs_diff"] < 1e-4
+    task = build_task(parse_config(args), None)  # the config's seed makes the same weights
+    assert isinstance(task, SegmentationTask)
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = task(images).numpy()
+    assert expected.shape == (2, 4, 64, 96)
+    np.testing.assert_allclose(OnnxModel(output)(images), expected, atol=1e-4, rtol=0)
+
+
+def test_detection_export_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="DetectionTask cannot be exported"):
+        main(["--config", str(DETECTION), "--model.init_args.num_classes=3", f"--output={tmp_path / 'det.onnx'}"])
+
+
+def test_checkpoint_of_another_model_is_named(fashion_mnist_dir, classifier_checkpoint, tmp_path):
+    _, ckpt = classifier_checkpoint
+    # The quickstart's own (larger) Swin, not the tiny one of the checkpoint.
+    args = ["--config", str(QUICKSTART), f"--data.init_args.data_dir={fashion_mnist_dir}", "--output=x.onnx"]
+    with pytest.raises(ValueError, match=rf"--ckpt_path {ckpt} does not fit the model of the config"):
+        build_task(parse_config(args), str(ckpt))
+
+
+def test_num_classes_unknown_without_data_or_checkpoint(tmp_path):
+    args = ["--config", str(SEGMENTATION), f"--output={tmp_path / 'seg.onnx'}"]
+    with pytest.raises(ValueError, match="num_classes is unknown.*--model.init_args.num_classes N"):
+        main(args)
