@@ -22,6 +22,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from swinlab import lightning_compat
 from swinlab.data.resumable import ResumableDataLoader
 
 
@@ -122,11 +123,12 @@ class ResumePosition(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         loaders = [loader for loader in _train_loaders(trainer) if isinstance(loader, ResumableDataLoader)]
         fit_loop = trainer.fit_loop
-        if loaders and fit_loop._data_fetcher is not None:
-            if fit_loop.restarting and fit_loop._combined_loader_states_to_load:
+        fetcher = lightning_compat.train_data_fetcher(fit_loop)
+        if loaders and fetcher is not None:
+            if fit_loop.restarting and lightning_compat.pending_loader_states(fit_loop):
                 # Mid-epoch: the uninterrupted run made its iterator before the checkpoint, so make it first.
-                fit_loop._load_combined_loader_states()
-                iter(fit_loop._data_fetcher)  # drop the batch drawn at the old position
+                lightning_compat.load_pending_loader_states(fit_loop)
+                iter(fetcher)  # drop the batch drawn at the old position
                 self._restore_rng()
                 return
             # After an end-of-epoch checkpoint the loader was built before the epoch counter was restored; the
@@ -137,7 +139,7 @@ class ResumePosition(Callback):
                 for loader in stale:
                     loader.sampler.set_epoch(trainer.current_epoch)
                 self._restore_rng()
-                iter(fit_loop._data_fetcher)
+                iter(fetcher)
                 return
         self._restore_rng()
 
@@ -178,7 +180,7 @@ class PreemptionCheckpoint(Callback):
         self._signal: int | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = lightning_compat.cluster_environment(trainer)
         if stage != "fit" or not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
         self._signal = environment.requeue_signal or signal.SIGUSR1
