@@ -1,9 +1,8 @@
-"""Lightning callbacks: prediction writers that tasks attach themselves, and the reliability callbacks that
-``swinlab.cli`` adds to every run (resumable loader position, save on SIGTERM/pre-emption, non-finite losses)."""
+"""The reliability callbacks that ``swinlab.cli`` adds to every run: resumable loader position, save on
+SIGTERM/pre-emption, non-finite losses. (Prediction writers live in ``swinlab.prediction``.)"""
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import signal
@@ -14,58 +13,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from swinlab import lightning_compat
 from swinlab.data.resumable import ResumableDataLoader
-
-
-class ClassificationPredictionWriter(BasePredictionWriter):
-    """Writes one CSV row per predicted image: ``file, class_1, prob_1, ..., class_k, prob_k`` (top-k, best first).
-
-    ``predict_step`` must return ``{"files": list[str], "probs": (B, k), "indices": (B, k)}``; class names come from
-    the data module's ``class_names``. Under DDP every rank holds a part of the files; rank 0 gathers them and
-    writes one file, sorted by file name. A relative ``output_file`` is placed in ``trainer.default_root_dir``.
-    """
-
-    def __init__(self, output_file: str = "predictions.csv") -> None:
-        super().__init__(write_interval="epoch")
-        self.output_file = output_file
-
-    def write_on_epoch_end(
-        self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
-    ) -> None:
-        class_names = getattr(trainer.datamodule, "class_names", None)
-        rows = []
-        for batch in predictions:
-            for file, probs, indices in zip(batch["files"], batch["probs"].tolist(), batch["indices"].tolist()):
-                row: list[Any] = [file]
-                for prob, index in zip(probs, indices):
-                    row += [class_names[index] if class_names else index, f"{prob:.6f}"]
-                rows.append(row)
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            gathered: list[list] = [[] for _ in range(trainer.world_size)]
-            dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        if not trainer.is_global_zero:
-            return
-        rows.sort(key=lambda row: row[0])
-        path = Path(self.output_file)
-        if not path.is_absolute():
-            path = Path(trainer.default_root_dir) / path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        top_k = (len(rows[0]) - 1) // 2 if rows else 0
-        header = ["file"] + [f"{kind}_{rank}" for rank in range(1, top_k + 1) for kind in ("class", "prob")]
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-        rank_zero_info(f"Wrote {len(rows)} predictions to {path}")
 
 
 def _train_loaders(trainer: Trainer) -> list[Any]:
@@ -122,11 +78,12 @@ class ResumePosition(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         loaders = [loader for loader in _train_loaders(trainer) if isinstance(loader, ResumableDataLoader)]
         fit_loop = trainer.fit_loop
-        if loaders and fit_loop._data_fetcher is not None:
-            if fit_loop.restarting and fit_loop._combined_loader_states_to_load:
+        fetcher = lightning_compat.train_data_fetcher(fit_loop)
+        if loaders and fetcher is not None:
+            if fit_loop.restarting and lightning_compat.pending_loader_states(fit_loop):
                 # Mid-epoch: the uninterrupted run made its iterator before the checkpoint, so make it first.
-                fit_loop._load_combined_loader_states()
-                iter(fit_loop._data_fetcher)  # drop the batch drawn at the old position
+                lightning_compat.load_pending_loader_states(fit_loop)
+                iter(fetcher)  # drop the batch drawn at the old position
                 self._restore_rng()
                 return
             # After an end-of-epoch checkpoint the loader was built before the epoch counter was restored; the
@@ -137,7 +94,7 @@ class ResumePosition(Callback):
                 for loader in stale:
                     loader.sampler.set_epoch(trainer.current_epoch)
                 self._restore_rng()
-                iter(fit_loop._data_fetcher)
+                iter(fetcher)
                 return
         self._restore_rng()
 
@@ -178,7 +135,7 @@ class PreemptionCheckpoint(Callback):
         self._signal: int | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = lightning_compat.cluster_environment(trainer)
         if stage != "fit" or not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
         self._signal = environment.requeue_signal or signal.SIGUSR1

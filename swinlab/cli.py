@@ -99,8 +99,10 @@ class SwinLabCLI(LightningCLI):
             help="fit only: after fitting, run the test loop on the best checkpoint (the final weights if none).",
         )
 
-    def _subcommand_config(self) -> Any:
-        return self.config[self.subcommand] if self.subcommand else self.config
+    def _subcommand_config(self, config: Any = None) -> Any:
+        """The part of ``config`` (default: the parsed ``self.config``) for the running subcommand."""
+        config = self.config if config is None else config
+        return config[self.subcommand] if self.subcommand else config
 
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()
@@ -116,7 +118,7 @@ class SwinLabCLI(LightningCLI):
         if config.trainer.logger in (None, True):
             root = config.trainer.default_root_dir or os.getcwd()
             kwargs.setdefault("logger", CSVLogger(save_dir=root))
-        trainer_init = self._get(self.config_init, "trainer", default={})
+        trainer_init = self._subcommand_config(self.config_init).get("trainer") or {}
         plugins = _as_list(kwargs.get("plugins", trainer_init.get("plugins")))
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]

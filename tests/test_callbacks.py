@@ -125,12 +125,12 @@ def run_args(fashion_mnist_dir: Path, tiny_swin: dict, root: Path) -> list[str]:
 
 
 def run_until_signal(args: list[str], step: int, signum: int, cwd: Path) -> subprocess.CompletedProcess:
-    callback = {"class_path": "tests.test_callbacks.SignalAtStep", "init_args": {"step": step, "signum": signum}}
+    callback = {"class_path": f"{SignalAtStep.__module__}.SignalAtStep", "init_args": {"step": step, "signum": signum}}
     # As many threads as this process, so the float sums (and so the weights) match bit for bit.
     threads = str(torch.get_num_threads())
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(ROOT),  # the subprocess imports SignalAtStep from this module (tests is a package)
         "OMP_NUM_THREADS": threads,
     }
     return subprocess.run(

@@ -103,10 +103,17 @@ def test_fit_then_test_and_predict_from_the_checkpoint_folder(tiny_swin, fashion
     assert any(row["test/top1"] for row in rows)  # test_after_fit: true in the quickstart
 
     main(["test", *common, "--ckpt_path=last"])
-    main(["predict", *common, "--ckpt_path=last", f"--data.init_args.predict_dir={predict_folder}"])
+    predict = ["predict", *common, "--ckpt_path=last", f"--data.init_args.predict_dir={predict_folder}"]
+    main(predict)
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.reader(f))
     assert len(rows) == 4 and rows[1][0] == "img_0.JPEG" and len(rows[1]) == 11
+    # Where predictions go is a run-time option: the hyperparameters LightningCLI reads from a checkpoint file
+    # (a path: ``last`` is resolved later) must not override it.
+    elsewhere = tmp_path / "elsewhere.csv"
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    main([*predict, f"--ckpt_path={checkpoint}", f"--model.init_args.predictions_file={elsewhere}"])
+    assert elsewhere.read_text() == (tmp_path / "predictions.csv").read_text()
 
 
 def test_num_classes_is_linked_from_the_data_module(tiny_swin, image_folder, fashion_mnist_dir, tmp_path):

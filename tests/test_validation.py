@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from swinlab.cli import main
-from swinlab.validation import ConfigError
+from swinlab.data import ADE20KDataModule
+from swinlab.tasks import SegmentationTask
+from swinlab.validation import ConfigError, check_num_classes
 from tests.helpers import ROOT
 
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
@@ -95,3 +97,13 @@ def test_checkpoint_for_other_classes_is_refused_before_training(fashion_mnist_d
     args = fit_args(fashion_mnist_dir, tmp_path / "run", backbone)
     with pytest.raises(ConfigError, match=r"other\.ckpt was trained with num_classes=3 but the data has 10 classes"):
         main([*args, f"--ckpt_path={checkpoint}"])
+
+
+def test_segmentation_num_classes_is_checked_against_the_data(tmp_path):
+    """SegmentationTask exposes num_classes like the other tasks, so a mismatch with the data is caught."""
+    backbone = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}
+    task = SegmentationTask(num_classes=4, backbone_kwargs=backbone, decode_channels=8, aux_channels=8)
+    check_num_classes(task, ADE20KDataModule(str(tmp_path), class_names=["a", "b", "c", "d"]))
+    five = ADE20KDataModule(str(tmp_path), class_names=["a", "b", "c", "d", "e"])
+    with pytest.raises(ConfigError, match=r"the model's num_classes=4 but the data has 5 classes \(ADE20KDataModule"):
+        check_num_classes(task, five)

@@ -1,17 +1,8 @@
-"""LightningModules, one per task."""
+"""LightningModules, one per task, on the shared ``SwinTask`` base."""
 
 from swinlab.tasks.base import SwinTask, build_backbone
+from swinlab.tasks.classification import ClassificationTask
+from swinlab.tasks.detection import DetectionTask
+from swinlab.tasks.segmentation import SegmentationTask
 
-__all__ = ["SwinTask", "build_backbone"]
-
-from swinlab.tasks.detection import DetectionPredictionWriter, DetectionTask
-
-__all__ += ["DetectionPredictionWriter", "DetectionTask"]
-
-from swinlab.tasks.classification import ClassificationTask  # noqa: E402
-
-__all__ += ["ClassificationTask"]
-
-from swinlab.tasks.segmentation import SegmentationPredictionWriter, SegmentationTask  # noqa: E402
-
-__all__ += ["SegmentationPredictionWriter", "SegmentationTask"]
+__all__ = ["ClassificationTask", "DetectionTask", "SegmentationTask", "SwinTask", "build_backbone"]

@@ -15,8 +15,8 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from swinlab.callbacks import ClassificationPredictionWriter
-from swinlab.tasks.base import SwinTask, build_backbone
+from swinlab.prediction import ClassificationPredictionWriter
+from swinlab.tasks.base import SwinTask
 
 
 class ClassificationTask(SwinTask):
@@ -38,6 +38,8 @@ class ClassificationTask(SwinTask):
         predictions_file: CSV written by ``predict`` (relative paths land in ``trainer.default_root_dir``).
     """
 
+    hparams_ignore = ("predictions_file",)
+
     def __init__(
         self,
         backbone: str = "swin_t",
@@ -56,43 +58,42 @@ class ClassificationTask(SwinTask):
         ema_decay: float | None = None,
         predictions_file: str = "predictions.csv",
     ) -> None:
-        super().__init__(optimizer, lr_scheduler, layer_decay)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if lr_reference_batch is not None and lr_reference_batch < 1:
             raise ValueError(f"lr_reference_batch must be >= 1 or null, got {lr_reference_batch}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
-        self.num_classes = num_classes
-        self.lr_reference_batch = lr_reference_batch
+        super().__init__(backbone, backbone_kwargs, pretrained, num_classes, optimizer, lr_scheduler, layer_decay)
         self.predictions_file = predictions_file
-        self.backbone = build_backbone(backbone, {**(backbone_kwargs or {}), "num_classes": num_classes}, pretrained)
 
+    def configure_models(self) -> None:
+        self.backbone = self.create_backbone(num_classes=self.num_classes)
         self.ema: ModelEmaV3 | None = None
-        if ema_decay is not None:
-            self.ema = ModelEmaV3(self.backbone, decay=ema_decay)
+        if self.hparams.ema_decay is not None:
+            self.ema = ModelEmaV3(self.backbone, decay=self.hparams.ema_decay)
             # The average is not trained: keep it out of the optimizer's parameter groups and DDP's gradients.
             self.ema.requires_grad_(False)
 
+    def configure_losses(self) -> None:
+        hparams = self.hparams
         self.mixup: Mixup | None = None
-        if mixup_alpha > 0 or cutmix_alpha > 0:
+        if hparams.mixup_alpha > 0 or hparams.cutmix_alpha > 0:
             self.mixup = Mixup(
-                mixup_alpha=mixup_alpha,
-                cutmix_alpha=cutmix_alpha,
-                prob=mixup_prob,
-                switch_prob=mixup_switch_prob,
-                label_smoothing=label_smoothing,
-                num_classes=num_classes,
+                mixup_alpha=hparams.mixup_alpha,
+                cutmix_alpha=hparams.cutmix_alpha,
+                prob=hparams.mixup_prob,
+                switch_prob=hparams.mixup_switch_prob,
+                label_smoothing=hparams.label_smoothing,
+                num_classes=self.num_classes,
             )
             self.train_loss: nn.Module = SoftTargetCrossEntropy()
         else:
-            self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            self.train_loss = nn.CrossEntropyLoss(label_smoothing=hparams.label_smoothing)
         self.eval_loss = nn.CrossEntropyLoss()
 
-        metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-        if num_classes > 5:  # top-5 of five or fewer classes is always 1
-            metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    def configure_metrics(self) -> None:
+        metrics = {"top1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
+        if self.num_classes > 5:  # top-5 of five or fewer classes is always 1
+            metrics["top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
 
@@ -107,10 +108,11 @@ class ClassificationTask(SwinTask):
 
     def parameter_groups(self) -> list[dict]:
         groups = super().parameter_groups()
-        if self.lr_reference_batch is not None:
+        reference = self.hparams.lr_reference_batch
+        if reference is not None:
             global_batch = self.global_batch_size()
-            scale = global_batch / self.lr_reference_batch
-            rank_zero_info(f"lr scaled by global batch {global_batch} / {self.lr_reference_batch} = {scale:g}")
+            scale = global_batch / reference
+            rank_zero_info(f"lr scaled by global batch {global_batch} / {reference} = {scale:g}")
             for group in groups:
                 group["lr_scale"] = group.get("lr_scale", 1.0) * scale
         return groups

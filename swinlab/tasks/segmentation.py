@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from PIL import Image
 from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from swinlab.models.upernet import FCNHead, UperNetHead
-from swinlab.tasks.base import SwinTask, build_backbone
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or min(pair) <= 0:
-        raise ValueError(f"{name} must be a positive int or (height, width), got {value!r}")
-    return int(pair[0]), int(pair[1])
-
-
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+# One definition each: the data pipeline's size check and the heads' bilinear resize (still private there).
+from swinlab.data.segmentation_transforms import _pair
+from swinlab.models.upernet import FCNHead, UperNetHead, _resize
+from swinlab.prediction import SegmentationPredictionWriter
+from swinlab.tasks.base import SwinTask
 
 
 class SegmentationMetrics(MulticlassJaccardIndex):
@@ -70,7 +57,13 @@ class SegmentationTask(SwinTask):
         decode_channels, pool_scales, dropout: UperNet width (512), pyramid pooling grids and dropout.
         aux_channels, aux_loss_weight, aux_in_index: FCN auxiliary head; weight 0 drops it.
         ignore_index: label value that is neither trained on nor scored.
+        inference_mode, crop_size, stride, test_scales, test_flip: evaluation and prediction as above (kept out
+            of the checkpoint's hyperparameters, so they can be changed when evaluating a checkpoint).
+        predictions_dir: folder ``predict`` writes ``labels/`` and ``overlays/`` to (relative paths land in
+            ``trainer.default_root_dir``).
     """
+
+    hparams_ignore = ("inference_mode", "crop_size", "stride", "test_scales", "test_flip", "predictions_dir")
 
     def __init__(
         self,
@@ -93,36 +86,42 @@ class SegmentationTask(SwinTask):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         layer_decay: float | None = None,
+        predictions_dir: str = "predictions",
     ) -> None:
-        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, layer_decay=layer_decay)
-        # Test-time options stay out of the checkpoint's hyperparameters: LightningCLI applies those over the
-        # command line when --ckpt_path is given, which would silently ignore e.g. --model.init_args.test_flip.
-        self.save_hyperparameters(
-            ignore=["optimizer", "lr_scheduler", "inference_mode", "crop_size", "stride", "test_scales", "test_flip"]
-        )
         if inference_mode not in ("whole", "slide"):
             raise ValueError(f"inference_mode must be 'whole' or 'slide', got {inference_mode!r}")
         if not test_scales or min(test_scales) <= 0:
             raise ValueError(f"test_scales must be positive factors, got {test_scales!r}")
-        self.crop_size, self.stride = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+        crop_size, stride = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+        super().__init__(backbone, backbone_kwargs, pretrained, num_classes, optimizer, lr_scheduler, layer_decay)
+        self.crop_size, self.stride = crop_size, stride
         self.inference_mode, self.test_scales, self.test_flip = inference_mode, tuple(test_scales), test_flip
-        self.ignore_index, self.aux_loss_weight, self.aux_in_index = ignore_index, aux_loss_weight, aux_in_index
+        self.predictions_dir = predictions_dir
 
-        kwargs = {"out_indices": (0, 1, 2, 3), **(backbone_kwargs or {}), "num_classes": 0}
-        self.backbone = build_backbone(backbone, kwargs, pretrained)
+    def configure_models(self) -> None:
+        hparams = self.hparams
+        self.backbone = self.create_backbone(num_classes=0, out_indices=(0, 1, 2, 3))
         channels = list(self.backbone.feature_channels)
-        if aux_loss_weight > 0 and not 0 <= aux_in_index < len(channels):
+        if hparams.aux_loss_weight > 0 and not 0 <= hparams.aux_in_index < len(channels):
             raise ValueError(
-                f"aux_in_index {aux_in_index} is not one of the backbone's {len(channels)} feature maps "
+                f"aux_in_index {hparams.aux_in_index} is not one of the backbone's {len(channels)} feature maps "
                 f"(backbone_kwargs.out_indices); set it in 0..{len(channels) - 1} or aux_loss_weight: 0"
             )
-        self.decode_head = UperNetHead(channels, num_classes, decode_channels, pool_scales, dropout)
-        self.aux_head = (
-            FCNHead(channels[aux_in_index], num_classes, aux_channels, dropout=dropout) if aux_loss_weight > 0 else None
+        self.decode_head = UperNetHead(
+            channels, self.num_classes, hparams.decode_channels, hparams.pool_scales, hparams.dropout
         )
-        self.criterion = nn.CrossEntropyLoss(ignore_index=ignore_index)
-        self.val_metrics = SegmentationMetrics(num_classes, ignore_index)
-        self.test_metrics = SegmentationMetrics(num_classes, ignore_index)
+        self.aux_head = (
+            FCNHead(channels[hparams.aux_in_index], self.num_classes, hparams.aux_channels, dropout=hparams.dropout)
+            if hparams.aux_loss_weight > 0
+            else None
+        )
+
+    def configure_losses(self) -> None:
+        self.criterion = nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index)
+
+    def configure_metrics(self) -> None:
+        self.val_metrics = SegmentationMetrics(self.num_classes, self.hparams.ignore_index)
+        self.test_metrics = SegmentationMetrics(self.num_classes, self.hparams.ignore_index)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> UperNet logits (B, num_classes, H, W)."""
@@ -142,8 +141,9 @@ class SegmentationTask(SwinTask):
         loss = decode_loss
         batch_size = images.shape[0]
         if self.aux_head is not None:
-            aux_loss = self.criterion(_resize(self.aux_head(features[self.aux_in_index]), masks.shape[-2:]), masks)
-            loss = loss + self.aux_loss_weight * aux_loss
+            aux_logits = self.aux_head(features[self.hparams.aux_in_index])
+            aux_loss = self.criterion(_resize(aux_logits, masks.shape[-2:]), masks)
+            loss = loss + self.hparams.aux_loss_weight * aux_loss
             self.log("train/aux_loss", aux_loss, batch_size=batch_size)
         self.log("train/decode_loss", decode_loss, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -162,7 +162,7 @@ class SegmentationTask(SwinTask):
         height, width = images.shape[-2:]
         rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
         cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
-        logits = images.new_zeros(images.shape[0], self.hparams.num_classes, height, width)
+        logits = images.new_zeros(images.shape[0], self.num_classes, height, width)
         counts = images.new_zeros(1, 1, height, width)
         for row in range(rows):
             for col in range(cols):
@@ -222,56 +222,5 @@ class SegmentationTask(SwinTask):
             for name, image, raw in zip(batch["name"], batch["image"], batch["raw_image"])
         ]
 
-
-def label_palette(num_classes: int) -> np.ndarray:
-    """Distinct colours (num_classes, 3) uint8: the PASCAL VOC bit-interleaving palette, skipping black."""
-    palette = np.zeros((num_classes, 3), dtype=np.uint8)
-    for index in range(num_classes):
-        label, colour = index + 1, [0, 0, 0]
-        for bit in range(8):
-            for channel in range(3):
-                colour[channel] |= ((label >> channel) & 1) << (7 - bit)
-            label >>= 3
-        palette[index] = colour
-    return palette
-
-
-class SegmentationPredictionWriter(BasePredictionWriter):
-    """Writes, for every predicted image, ``<output_dir>/labels/<stem>.png`` (the label map, 8-bit, class
-    index + ``label_offset``; 1 gives ADE20K's annotation numbering) and ``<output_dir>/overlays/<stem>.png``
-    (the image blended with the class colours, ``alpha`` = colour weight)."""
-
-    def __init__(self, output_dir: str, alpha: float = 0.5, label_offset: int = 0) -> None:
-        super().__init__(write_interval="batch")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.output_dir, self.alpha, self.label_offset = Path(output_dir), alpha, label_offset
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: list[dict[str, Any]],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        num_classes = pl_module.hparams.num_classes
-        if num_classes + self.label_offset > 256:
-            raise ValueError(
-                f"8-bit label PNGs hold 256 values; num_classes {num_classes} + "
-                f"label_offset {self.label_offset} is more"
-            )
-        palette = label_palette(num_classes)
-        (self.output_dir / "labels").mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "overlays").mkdir(parents=True, exist_ok=True)
-        for item in prediction:
-            labels = item["labels"].numpy()
-            stem = Path(item["name"]).stem
-            Image.fromarray((labels + self.label_offset).astype(np.uint8)).save(
-                self.output_dir / "labels" / f"{stem}.png"
-            )
-            image = item["raw_image"].permute(1, 2, 0).numpy().astype(np.float32)
-            overlay = (1 - self.alpha) * image + self.alpha * palette[labels].astype(np.float32)
-            Image.fromarray(overlay.round().astype(np.uint8)).save(self.output_dir / "overlays" / f"{stem}.png")
+    def configure_callbacks(self) -> list[Callback]:
+        return [SegmentationPredictionWriter(self.predictions_dir)]

@@ -16,7 +16,8 @@ from pycocotools.cocoeval import COCOeval
 
 from swinlab.cli import main
 from swinlab.data.coco import COCODataModule
-from swinlab.tasks.detection import DetectionPredictionWriter, DetectionTask, SwinFPN
+from swinlab.prediction import DetectionPredictionWriter
+from swinlab.tasks.detection import DetectionTask, SwinFPN
 from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -204,7 +205,7 @@ def test_metrics_match_pycocotools_on_the_written_results(shapes_root: Path, tmp
         task.validation_step((images, targets), batch_idx)
         writer.write_on_batch_end(trainer, task, predictions, None, (images, targets), batch_idx, 0)
     writer.on_predict_epoch_end(trainer, task)
-    ours = task.val_map.compute()
+    ours = task.val_metrics.compute()
 
     gt = COCO(str(dm.annotation_file("val2017")))
     detections = gt.loadRes(str(tmp_path / "results.json"))
@@ -219,30 +220,18 @@ def test_metrics_match_pycocotools_on_the_written_results(shapes_root: Path, tmp
     assert 0.05 < float(ours["bbox_map_50"]) < 1.0, "the noisy predictions give a non-trivial AP"
     drawn = sorted((tmp_path / "images").glob("*.png"))
     assert len(drawn) == len(dm.val_set)
+    first = gt.loadImgs(int(drawn[0].stem))[0]
+    original = np.asarray(Image.open(shapes_root / "val2017" / first["file_name"]).convert("RGB"))
+    annotated = np.asarray(Image.open(drawn[0]))
+    assert annotated.shape == original.shape and not np.array_equal(annotated, original), "boxes are drawn"
 
 
-def test_predict_writes_results_json_and_drawn_images(shapes_root: Path, tmp_path: Path) -> None:
+def test_predict_writes_results_json_and_images_into_the_run_folder(shapes_root: Path, tmp_path: Path) -> None:
+    """The task attaches its writer itself; by default it writes to ``<trainer.default_root_dir>/predictions``."""
     config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
+    overrides = tiny_overrides(shapes_root, tmp_path)
+    main(["predict", "--config", str(config), *overrides, "--model.init_args.detector_kwargs={box_score_thresh: 0.0}"])
     out = tmp_path / "predictions"
-    writer = json.dumps(
-        [
-            {
-                "class_path": "swinlab.tasks.detection.DetectionPredictionWriter",
-                "init_args": {"output_dir": str(out), "score_threshold": 0.0},
-            }
-        ]
-    )
-    overrides = [o for o in tiny_overrides(shapes_root, tmp_path) if not o.startswith("--trainer.callbacks")]
-    main(
-        [
-            "predict",
-            "--config",
-            str(config),
-            *overrides,
-            f"--trainer.callbacks={writer}",
-            "--model.init_args.detector_kwargs={box_score_thresh: 0.0}",
-        ]
-    )
     results = json.loads((out / "results.json").read_text())
     gt = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
     assert results, "an untrained model with score threshold 0 still proposes boxes"
@@ -251,8 +240,28 @@ def test_predict_writes_results_json_and_drawn_images(shapes_root: Path, tmp_pat
     first = results[0]
     assert set(first) == {"image_id", "category_id", "bbox", "score", "segmentation"}
     assert first["segmentation"]["size"] == [SIZE, SIZE]
-    drawn = sorted((out / "images").glob("*.png"))
-    assert len(drawn) == len(gt["images"])
-    original = np.asarray(Image.open(shapes_root / "val2017" / gt["images"][0]["file_name"]).convert("RGB"))
-    annotated = np.asarray(Image.open(drawn[0]))
-    assert annotated.shape == original.shape and not np.array_equal(annotated, original)
+    assert len(list((out / "images").glob("*.png"))) == len(gt["images"])
+
+
+def test_predictions_dir_moves_the_output(shapes_root: Path, tmp_path: Path) -> None:
+    config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
+    out = tmp_path / "elsewhere"
+    main(
+        [
+            "predict",
+            "--config",
+            str(config),
+            *tiny_overrides(shapes_root, tmp_path / "run"),
+            f"--model.init_args.predictions_dir={out}",
+        ]
+    )
+    assert (out / "results.json").is_file() and not (tmp_path / "run" / "predictions").exists()
+
+
+def test_test_logs_test_keys(shapes_root: Path, tmp_path: Path) -> None:
+    """``test`` reports ``test/*`` metrics (it used to log them as ``val/*``)."""
+    config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
+    cli = main(["test", "--config", str(config), *tiny_overrides(shapes_root, tmp_path)])
+    keys = set(cli.trainer.logged_metrics)
+    assert "test/box_map" in keys and "test/mask_map_50" in keys
+    assert all(key.startswith("test/") for key in keys), keys

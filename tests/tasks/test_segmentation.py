@@ -10,7 +10,8 @@ from PIL import Image
 from swinlab.cli import main
 from swinlab.data.ade20k import ADE20KDataModule
 from swinlab.optim import WarmupLR
-from swinlab.tasks.segmentation import SegmentationMetrics, SegmentationTask, label_palette
+from swinlab.prediction import label_palette
+from swinlab.tasks.segmentation import SegmentationMetrics, SegmentationTask
 from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,10 +130,6 @@ trainer:
   accelerator: cpu
   devices: 1
   default_root_dir: {tmp_path / "run"}
-  callbacks:
-    - class_path: swinlab.tasks.SegmentationPredictionWriter
-      init_args:
-        output_dir: {tmp_path / "predictions"}
 model:
   init_args:
     backbone_kwargs: {TINY_BACKBONE}
@@ -161,14 +158,15 @@ def test_cli_fit_and_validate_every_config(config: Path, tiny_shapes: Path, tmp_
     main(["validate", *common, "--model.init_args.inference_mode=slide"])
 
 
-def test_cli_predict_writes_label_maps_and_overlays(tiny_shapes: Path, tmp_path: Path) -> None:
+def test_cli_predict_writes_label_maps_and_overlays_into_the_run_folder(tiny_shapes: Path, tmp_path: Path) -> None:
     override = _override(tmp_path, tiny_shapes)
     config = REPO / "configs" / "segmentation" / "quickstart_shapes.yaml"
     main(["predict", "--config", str(config), "--config", str(override), "--data.init_args.eval_batch_size=2"])
+    out = tmp_path / "run" / "predictions"  # <trainer.default_root_dir>/predictions: the task's default
     for split_image in sorted((tiny_shapes / "images" / "validation").iterdir()):
         size = Image.open(split_image).size
-        labels = Image.open(tmp_path / "predictions" / "labels" / f"{split_image.stem}.png")
-        overlay = Image.open(tmp_path / "predictions" / "overlays" / f"{split_image.stem}.png")
+        labels = Image.open(out / "labels" / f"{split_image.stem}.png")
+        overlay = Image.open(out / "overlays" / f"{split_image.stem}.png")
         assert labels.size == overlay.size == size
         assert labels.mode == "L" and np.asarray(labels).max() < 4 and overlay.mode == "RGB"
 
@@ -208,6 +206,8 @@ def test_iteration_schedule_follows_max_steps(tiny_shapes: Path, tmp_path: Path)
 
 def test_test_time_options_stay_out_of_checkpoint_hparams() -> None:
     # LightningCLI applies checkpoint hyperparameters over the command line for --ckpt_path runs.
-    task = tiny_task(inference_mode="slide", test_flip=True)
-    assert task.hparams.num_classes == 4
-    assert not {"inference_mode", "crop_size", "stride", "test_scales", "test_flip"} & set(task.hparams)
+    task = tiny_task(inference_mode="slide", test_flip=True, predictions_dir="out")
+    assert task.hparams.num_classes == task.num_classes == 4
+    assert not {"inference_mode", "crop_size", "stride", "test_scales", "test_flip", "predictions_dir"} & set(
+        task.hparams
+    )
