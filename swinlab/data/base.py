@@ -11,7 +11,13 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swinlab.data.bad_samples import BadSampleGuard, OnBadSample, check_on_bad_sample, open_image
+from swinlab.data.bad_samples import (
+    BadSampleGuard,
+    OnBadSample,
+    SkipCountingLoader,
+    check_on_bad_sample,
+    open_image,
+)
 from swinlab.data.resumable import ResumableDataLoader
 
 
@@ -53,7 +59,8 @@ class BaseDataModule(LightningDataModule):
 
     Subclasses set ``class_names`` (``num_classes`` follows) and fill ``train_set``, ``val_set``, ``test_set`` and
     ``predict_set`` in ``setup``. The training loader is a ``ResumableDataLoader`` (a resumed run continues at the
-    next unseen batch of the same order); the others keep the data set's order and use ``eval_batch_size``.
+    next unseen batch of the same order); the others keep the data set's order and use ``eval_batch_size``. All
+    of them count the samples skipped in each pass (``SkipCountingLoader``, reported by ``BadSampleReport``).
     ``on_bad_sample`` (``skip`` or ``raise``) is checked here, before any data is read, and handed to the data
     sets (see ``swinlab.data.bad_samples``).
     """
@@ -113,7 +120,7 @@ class BaseDataModule(LightningDataModule):
         }
         if train:
             return ResumableDataLoader(dataset, self.batch_size, **kwargs)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, **kwargs)
+        return SkipCountingLoader(dataset, batch_size=self.eval_batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.train_set, "train", train=True)
