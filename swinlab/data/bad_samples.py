@@ -9,6 +9,12 @@ Every data module takes ``on_bad_sample``:
   first files, and the metric ``<stage>/bad_samples``;
 - ``raise``: a ``BadSampleError`` naming the file stops the run.
 
+``predict`` never replaces a sample, so every output row is its own file's: with ``skip`` a file that cannot be
+read gives a sample *marked failed*. Predict samples are dicts, and their ``READ_ERROR_KEY`` entry holds ``""``
+when the file was read, else the reason naming the file (e.g. ``"/data/x.jpg: unreadable image (OSError: ...)"``);
+the image of a failed sample is a black ``PLACEHOLDER_SIZE`` square put through the same transform, only there
+so the batch keeps its shape: the task must not predict on it, and writers write the row as failed.
+
 Images that are merely unusual are converted, not skipped: greyscale, palette, CMYK, 16-bit and alpha images
 become 8-bit RGB.
 """
@@ -36,6 +42,10 @@ Sample = TypeVar("Sample")
 MAX_CONSECUTIVE_BAD = 16
 # How many skipped files the epoch report names.
 REPORTED_FILES = 5
+# The predict-sample key of the reason its file could not be read ("" when it was read), and the side of the black
+# placeholder image a failed predict sample carries (see the module docstring).
+READ_ERROR_KEY = "error"
+PLACEHOLDER_SIZE = 32
 
 # (index, reason) of the samples this process skipped since its last collate. A DataLoader worker reads a batch's
 # samples and collates them in one go, so the collate (``SkipCountingCollate``) takes exactly that batch's skips.
@@ -51,6 +61,11 @@ def take_skipped() -> list[tuple[int, str]]:
 
 class BadSampleError(ValueError):
     """A sample that cannot be used; the message names its file and the reason."""
+
+
+def placeholder_image(mode: str = "RGB") -> Image.Image:
+    """The black ``PLACEHOLDER_SIZE`` square a predict sample marked failed carries instead of its image."""
+    return Image.new(mode, (PLACEHOLDER_SIZE, PLACEHOLDER_SIZE))
 
 
 def to_rgb(image: Image.Image, name: str) -> Image.Image:
@@ -97,7 +112,8 @@ def check_on_bad_sample(on_bad_sample: str) -> OnBadSample:
 
 
 class BadSampleGuard:
-    """Applies ``on_bad_sample`` to a data set's reads: ``guard(read, index, length)``.
+    """Applies ``on_bad_sample`` to a data set's reads: ``guard(read, index, length)`` for training and evaluation,
+    ``guard.read_or_fail(read, index, failed)`` for predict.
 
     ``read(i)`` returns sample ``i`` or raises ``BadSampleError``. With ``skip`` the next indices are tried (at most
     ``MAX_CONSECUTIVE_BAD``); each bad one is warned about the first time this process meets it (``bad_samples``,
@@ -116,7 +132,7 @@ class BadSampleGuard:
                 return read(candidate)
             except BadSampleError as err:
                 if self.on_bad_sample == "raise":
-                    raise BadSampleError(f"{err} (on_bad_sample=raise; set on_bad_sample: skip to skip it)") from err
+                    raise _stopping(err) from err
                 _skipped_since_collate.append((candidate, str(err)))
                 if candidate not in self.bad_samples:
                     self.bad_samples[candidate] = str(err)
@@ -126,6 +142,21 @@ class BadSampleGuard:
             f"{len(errors)} samples in a row from index {index} are unusable, the data or its config is wrong as a "
             f"whole; first: {errors[0]}"
         )
+
+    def read_or_fail(self, read: Callable[[int], Sample], index: int, failed: Callable[[str], Sample]) -> Sample:
+        """Predict: ``read(index)``, or ``failed(reason)`` (the sample marked failed) when it raises
+        ``BadSampleError``, so a row is never another file's; with ``raise`` the error stops the run."""
+        try:
+            return read(index)
+        except BadSampleError as err:
+            if self.on_bad_sample == "raise":
+                raise _stopping(err) from err
+            logger.warning("cannot read predict sample %d: %s; its row is marked failed", index, err)
+            return failed(str(err))
+
+
+def _stopping(err: BadSampleError) -> BadSampleError:
+    return BadSampleError(f"{err} (on_bad_sample=raise; set on_bad_sample: skip to skip it)")
 
 
 @dataclass

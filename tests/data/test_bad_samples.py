@@ -15,8 +15,16 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from swinlab.data import ADE20KDataModule, COCODataModule, ImageFolderDataModule
-from swinlab.data.bad_samples import BadSampleError, BadSampleReport, open_image
+from swinlab.data import ADE20KDataModule, COCODataModule, FashionMNISTDataModule, ImageFolderDataModule
+from swinlab.data.bad_samples import (
+    PLACEHOLDER_SIZE,
+    READ_ERROR_KEY,
+    BadSampleError,
+    BadSampleReport,
+    open_image,
+    placeholder_image,
+)
+from swinlab.data.fashion_mnist import _grey_image_to_tensor
 
 
 def write_jpeg(path: Path, size: int = 40, seed: int = 0) -> None:
@@ -235,3 +243,67 @@ def test_a_counting_loader_sums_the_skips_of_its_workers(folder_with_bad_images)
         assert labels.tolist() == [0, 0, 0, 1, 1, 1]  # replaced by the next sample, batches keep their size
         assert loader.skipped.samples == 6 and sorted(loader.skipped.skipped) == [1, 3]
         assert "a/1.jpg" in loader.skipped.skipped[1] and "b/0.jpg" in loader.skipped.skipped[3]
+
+
+@pytest.fixture
+def folder_with_a_corrupt_image(tmp_path) -> Path:
+    """Five images 0.jpg .. 4.jpg; 2.jpg (the middle one) is not an image."""
+    root = tmp_path / "to_predict"
+    for i in range(5):
+        write_jpeg(root / f"{i}.jpg", seed=i)
+    (root / "2.jpg").write_bytes(b"not an image at all")
+    return root
+
+
+def assert_only_the_middle_row_failed(files: list[str], errors: list[str]) -> None:
+    assert files == [f"{i}.jpg" for i in range(5)], "every row is its own file"
+    assert [bool(error) for error in errors] == [False, False, True, False, False]
+    assert "2.jpg: unreadable image" in errors[2]
+
+
+def test_classification_predict_marks_an_unreadable_file_failed_in_its_own_row(
+    folder_with_a_corrupt_image, fashion_mnist_dir, caplog
+):
+    module = FashionMNISTDataModule(str(fashion_mnist_dir), predict_dir=str(folder_with_a_corrupt_image), batch_size=2)
+    module.setup("predict")
+    batches = list(module.predict_dataloader())
+    files = [file for batch in batches for file in batch["file"]]
+    errors = [error for batch in batches for error in batch[READ_ERROR_KEY]]
+    assert_only_the_middle_row_failed(files, errors)
+    assert "2.jpg: unreadable image" in caplog.text and "marked failed" in caplog.text
+    # Each readable row carries its own file's image; the failed one the placeholder, which keeps the batch shape.
+    images = torch.cat([batch["image"] for batch in batches])
+    for i in (1, 3):
+        expected = _grey_image_to_tensor(
+            open_image(folder_with_a_corrupt_image / f"{i}.jpg").convert("L"), module.eval_transform
+        )
+        assert torch.equal(images[i], expected)
+    assert torch.equal(images[2], _grey_image_to_tensor(placeholder_image("L"), module.eval_transform))
+
+    strict = FashionMNISTDataModule(
+        str(fashion_mnist_dir), predict_dir=str(folder_with_a_corrupt_image), on_bad_sample="raise"
+    )
+    strict.setup("predict")
+    with pytest.raises(BadSampleError, match=r"2\.jpg: unreadable image.*on_bad_sample=raise"):
+        strict.predict_set[2]
+
+
+def test_segmentation_predict_marks_an_unreadable_file_failed_in_its_own_row(folder_with_a_corrupt_image, tmp_path):
+    kwargs = {"class_names": ["a", "b"], "scale": (32, 16), "test_scale": (32, 16), "num_workers": 0}
+    folder_predict = ADE20KDataModule(str(tmp_path), predict_dir=str(folder_with_a_corrupt_image), **kwargs)
+    # Predict on the validation split (no predict_dir): same folder of images, each with a label map.
+    (tmp_path / "images").mkdir()
+    folder_with_a_corrupt_image.rename(tmp_path / "images" / "validation")
+    (tmp_path / "annotations" / "validation").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.ones((40, 40), dtype=np.uint8)).save(tmp_path / "annotations" / "validation" / f"{i}.png")
+    validation_predict = ADE20KDataModule(str(tmp_path), **kwargs)
+    folder_predict.predict_dir = str(tmp_path / "images" / "validation")
+    for module in (folder_predict, validation_predict):
+        module.setup("predict")
+        batches = list(module.predict_dataloader())
+        names = [name for batch in batches for name in batch["name"]]
+        errors = [error for batch in batches for error in batch[READ_ERROR_KEY]]
+        assert_only_the_middle_row_failed(names, errors)
+        raw = [image for batch in batches for image in batch["raw_image"]]
+        assert raw[2].shape == (3, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE) and raw[3].shape == (3, 40, 40)

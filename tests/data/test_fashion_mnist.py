@@ -74,9 +74,9 @@ def test_bad_val_size(fashion_mnist_dir):
 def test_predict_reads_any_image_as_28x28_grey(fashion_mnist_dir, predict_folder):
     dm = FashionMNISTDataModule(data_dir=str(fashion_mnist_dir), predict_dir=str(predict_folder), batch_size=8)
     dm.setup("predict")
-    images, files = next(iter(dm.predict_dataloader()))
-    assert images.shape == (3, 1, 32, 32)
-    assert list(files) == ["img_0.JPEG", "img_1.JPEG", "more/img_0.JPEG"]
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["image"].shape == (3, 1, 32, 32)
+    assert batch["file"] == ["img_0.JPEG", "img_1.JPEG", "more/img_0.JPEG"] and batch["error"] == ["", "", ""]
 
 
 @pytest.fixture
