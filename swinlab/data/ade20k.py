@@ -14,6 +14,7 @@ and ``annotation`` (label map, 0 = other), as in the folder layout.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,14 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image
+from swinlab.data.bad_samples import (
+    READ_ERROR_KEY,
+    BadSampleError,
+    BadSampleGuard,
+    OnBadSample,
+    open_image,
+    placeholder_image,
+)
 from swinlab.data.base import BaseDataModule, ImageFilesDataset
 from swinlab.data.huggingface import load_split, read_row
 from swinlab.data.segmentation_transforms import SegmentationEvalTransform, SegmentationTrainTransform
@@ -248,6 +256,9 @@ class SegmentationFolder(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def name(self, index: int) -> str:
+        return self.images[index].name
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         image = pil_to_tensor(open_image(self.images[index]))
         try:
@@ -255,7 +266,7 @@ class SegmentationFolder(Dataset):
                 mask = _label_map_tensor(label_image, str(self.labels[index]))
         except (OSError, SyntaxError) as err:
             raise BadSampleError(f"{self.labels[index]}: unreadable label map ({type(err).__name__}: {err})") from err
-        return image, mask, self.images[index].name
+        return image, mask, self.name(index)
 
 
 class SegmentationParquet(Dataset):
@@ -273,15 +284,22 @@ class SegmentationParquet(Dataset):
     def __len__(self) -> int:
         return len(self.table)
 
+    def name(self, index: int) -> str:
+        return f"{self.split}_{index:06d}"
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        name = f"{self.split} parquet row {index}"
-        row = read_row(self.table, index, name, label_images=["annotation"])
-        return pil_to_tensor(row["image"]), _label_map_tensor(row["annotation"], name), f"{self.split}_{index:06d}"
+        row_name = f"{self.split} parquet row {index}"
+        row = read_row(self.table, index, row_name, label_images=["annotation"])
+        return pil_to_tensor(row["image"]), _label_map_tensor(row["annotation"], row_name), self.name(index)
 
 
 class _Labelled(Dataset):
     """Applies label reduction, the range check and a transform to a (image, label map, name) source; a sample
-    that fails (unreadable, sizes differ, label beyond the classes) is handled as ``on_bad_sample`` says."""
+    that fails (unreadable, sizes differ, label beyond the classes) is handled as ``on_bad_sample`` says.
+
+    ``keep_raw`` (predict) adds ``raw_image`` and ``READ_ERROR_KEY``: sample ``i`` is always source sample ``i``,
+    marked failed when it cannot be used (see ``swinlab.data.bad_samples``).
+    """
 
     def __init__(
         self,
@@ -301,7 +319,20 @@ class _Labelled(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.keep_raw:
+            return self.guard.read_or_fail(self._read, index, partial(self._failed, index))
         return self.guard(self._read, index, len(self))
+
+    def _failed(self, index: int, error: str) -> dict[str, Any]:
+        raw = pil_to_tensor(placeholder_image())
+        mask = torch.full(raw.shape[-2:], IGNORE_INDEX, dtype=torch.long)
+        return {
+            "image": self.transform(raw),
+            "mask": mask,
+            "name": self.source.name(index),
+            "raw_image": raw,
+            READ_ERROR_KEY: error,
+        }
 
     def _read(self, index: int) -> dict[str, Any]:
         image, mask, name = self.source[index]
@@ -320,12 +351,13 @@ class _Labelled(Dataset):
             return {"image": image, "mask": mask}
         sample = {"image": self.transform(image), "mask": mask.long(), "name": name}
         if self.keep_raw:
-            sample["raw_image"] = image
+            sample |= {"raw_image": image, READ_ERROR_KEY: ""}
         return sample
 
 
 class _Unlabelled(Dataset):
-    """The ``predict_dir`` images -> ``{"image": transform(image), "raw_image": uint8 (3, H, W), "name": path}``."""
+    """The ``predict_dir`` images -> ``{"image": transform(image), "raw_image": uint8 (3, H, W), "name": path,
+    READ_ERROR_KEY: "" or why the file could not be read}`` (a failed one carries a placeholder image)."""
 
     def __init__(self, source: ImageFilesDataset, transform: SegmentationEvalTransform) -> None:
         self.source, self.transform = source, transform
@@ -334,8 +366,14 @@ class _Unlabelled(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, name = self.source[index]
-        return {"image": self.transform(image), "raw_image": image, "name": name}
+        sample = self.source[index]
+        image = sample["image"]
+        return {
+            "image": self.transform(image),
+            "raw_image": image,
+            "name": sample["file"],
+            READ_ERROR_KEY: sample[READ_ERROR_KEY],
+        }
 
 
 def collate_as_lists(samples: list[dict[str, Any]]) -> dict[str, list]:
@@ -350,7 +388,9 @@ class ADE20KDataModule(BaseDataModule):
     batches are lists (images keep their sizes): ``image`` resized into ``test_scale``, ``mask`` the label
     map at the original size (int64, ``IGNORE_INDEX`` = 255 not scored), ``name``. ``test`` uses the
     validation split (the ADE20K test images have no labels); ``predict`` uses ``predict_dir`` or the
-    validation images and adds ``raw_image`` (the uint8 original) for overlays.
+    validation images and adds ``raw_image`` (the uint8 original) for overlays and ``error`` (``READ_ERROR_KEY``:
+    "" or why the file could not be read; such a row is marked failed, never replaced, see
+    ``swinlab.data.bad_samples``).
 
     Args:
         data_root: folder with the ADEChallengeData2016 layout or with parquet files.

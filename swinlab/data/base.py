@@ -8,18 +8,29 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from swinlab.data.bad_samples import BadSampleGuard, OnBadSample, check_on_bad_sample, open_image
+from swinlab.data.bad_samples import (
+    READ_ERROR_KEY,
+    BadSampleGuard,
+    OnBadSample,
+    SkipCountingLoader,
+    check_on_bad_sample,
+    open_image,
+    placeholder_image,
+)
 from swinlab.data.resumable import ResumableDataLoader
 
 
 class ImageFilesDataset(Dataset):
-    """Every image file under ``root`` (recursively, sorted) -> ``(transform(image), path relative to root)``.
+    """Every image file under ``root`` (recursively, sorted) -> ``{"image": transform(image), "file": path relative
+    to root, READ_ERROR_KEY: ""}``; default collation stacks ``image`` and lists the others.
 
-    Images are decoded to RGB (see ``open_image``) and converted to ``mode``. A file that cannot be decoded is
-    handled as ``on_bad_sample`` says (``skip``: the next file takes its place, with a warning naming it).
+    Images are decoded to RGB (see ``open_image``) and converted to ``mode``. Sample ``i`` is always file ``i``: one
+    that cannot be decoded is marked failed (``READ_ERROR_KEY`` = the reason, a placeholder image; see
+    ``swinlab.data.bad_samples``) with ``on_bad_sample="skip"``, or raises with ``raise``.
     """
 
     def __init__(
@@ -40,12 +51,16 @@ class ImageFilesDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _read(self, index: int) -> tuple[Any, str]:
-        path = self.files[index]
-        return self.transform(open_image(path).convert(self.mode)), path.relative_to(self.root).as_posix()
+    def _sample(self, index: int, image: Image.Image, error: str = "") -> dict[str, Any]:
+        file = self.files[index].relative_to(self.root).as_posix()
+        return {"image": self.transform(image.convert(self.mode)), "file": file, READ_ERROR_KEY: error}
 
-    def __getitem__(self, index: int) -> tuple[Any, str]:
-        return self.guard(self._read, index, len(self))
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.guard.read_or_fail(
+            lambda i: self._sample(i, open_image(self.files[i])),
+            index,
+            lambda error: self._sample(index, placeholder_image(self.mode), error),
+        )
 
 
 class BaseDataModule(LightningDataModule):
@@ -53,7 +68,8 @@ class BaseDataModule(LightningDataModule):
 
     Subclasses set ``class_names`` (``num_classes`` follows) and fill ``train_set``, ``val_set``, ``test_set`` and
     ``predict_set`` in ``setup``. The training loader is a ``ResumableDataLoader`` (a resumed run continues at the
-    next unseen batch of the same order); the others keep the data set's order and use ``eval_batch_size``.
+    next unseen batch of the same order); the others keep the data set's order and use ``eval_batch_size``. All
+    of them count the samples skipped in each pass (``SkipCountingLoader``, reported by ``BadSampleReport``).
     ``on_bad_sample`` (``skip`` or ``raise``) is checked here, before any data is read, and handed to the data
     sets (see ``swinlab.data.bad_samples``).
     """
@@ -113,7 +129,7 @@ class BaseDataModule(LightningDataModule):
         }
         if train:
             return ResumableDataLoader(dataset, self.batch_size, **kwargs)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, **kwargs)
+        return SkipCountingLoader(dataset, batch_size=self.eval_batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.train_set, "train", train=True)

@@ -1,7 +1,8 @@
 """Image classification data: the classification base, and any ImageFolder tree.
 
 Every classification data module takes ``predict_dir`` (a folder of image files to classify; predict batches are
-``(images, relative_paths)``).
+``{"image": (B, C, H, W), "file": [relative path, ...], "error": ["" or why the file could not be read, ...]}``,
+see ``swinlab.data.base.ImageFilesDataset``).
 """
 
 from __future__ import annotations

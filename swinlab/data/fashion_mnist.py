@@ -1,21 +1,28 @@
-"""Fashion-MNIST from the four standard idx files (the quickstart's data)."""
+"""Fashion-MNIST from the four standard idx files (the quickstart's data), read from a folder or downloaded."""
 
 from __future__ import annotations
 
 import gzip
+import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
+from urllib.error import URLError
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets import FashionMNIST
+from torchvision.datasets.utils import calculate_md5, download_url
 
 from swinlab.data.bad_samples import OnBadSample
 from swinlab.data.base import ImageFilesDataset
 from swinlab.data.classification import ClassificationDataModule
 from swinlab.data.transforms import fashion_mnist_transform
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -74,7 +81,15 @@ class FashionMNISTDataModule(ClassificationDataModule):
 
     ``val_size`` images of the training file (a fixed random choice, ``split_seed``) are held out for validation;
     the test loop runs on the 10k test file. Predict images are read as greyscale and resized to 28x28 first.
+
+    ``download=True`` fetches the idx .gz files missing from ``data_dir`` (in ``prepare_data``, so once per node)
+    from ``mirrors`` and checks them against ``checksums`` (both torchvision's); files already there are used as
+    they are.
     """
+
+    # Class attributes, so a mirror (or a test's local server) can stand in: URL = mirror + file name.
+    mirrors: ClassVar[tuple[str, ...]] = tuple(FashionMNIST.mirrors)
+    checksums: ClassVar[dict[str, str]] = dict(FashionMNIST.resources)  # "<name>.gz" -> MD5
 
     def __init__(
         self,
@@ -90,6 +105,7 @@ class FashionMNISTDataModule(ClassificationDataModule):
         persistent_workers: bool = False,
         predict_dir: str | None = None,
         on_bad_sample: OnBadSample = "skip",
+        download: bool = False,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, persistent_workers, predict_dir, on_bad_sample)
         if image_size < 1:
@@ -100,26 +116,79 @@ class FashionMNISTDataModule(ClassificationDataModule):
         self.class_names = list(FASHION_MNIST_CLASSES)
         self.train_transform = fashion_mnist_transform(image_size, augment=augment, crop_padding=crop_padding)
         self.eval_transform = fashion_mnist_transform(image_size)
-        self.files = {key: self._find(name) for key, name in FASHION_MNIST_FILES.items()}
+        self.download = download
+        if not download:
+            self._files()  # fail now, naming the folder, rather than after the model is built
 
-    def _find(self, name: str) -> Path:
-        for candidate in (self.data_dir / f"{name}.gz", self.data_dir / name):
-            if candidate.is_file():
-                return candidate
-        raise FileNotFoundError(
-            f"Fashion-MNIST file {name}.gz not found in {self.data_dir}. Install the data with "
-            "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu, puts it in /usr/share/datasets/"
-            "fashion-mnist), or download the four idx .gz files from "
-            "https://github.com/zalandoresearch/fashion-mnist into a folder and pass --data.init_args.data_dir DIR"
+    def _how_to_get_the_data(self) -> str:
+        return (
+            f"Fill {self.data_dir} with the four idx .gz files ({', '.join(self.checksums)}) in one of two ways: "
+            "install the Debian/Ubuntu package (`sudo apt-get install dataset-fashion-mnist`, files in "
+            "/usr/share/datasets/fashion-mnist, the default data_dir), or run once with "
+            "--data.init_args.download=true on a machine with network access (and a writable data_dir)"
+        )
+
+    def _find(self, name: str) -> Path | None:
+        return next((p for p in (self.data_dir / f"{name}.gz", self.data_dir / name) if p.is_file()), None)
+
+    def _files(self) -> dict[str, Path]:
+        """The four idx files by key (``train_images``...), gzipped or not; a FileNotFoundError names the missing."""
+        found = {key: self._find(name) for key, name in FASHION_MNIST_FILES.items()}
+        missing = [f"{FASHION_MNIST_FILES[key]}.gz" for key, path in found.items() if path is None]
+        if missing:
+            raise FileNotFoundError(
+                f"Fashion-MNIST file(s) {', '.join(missing)} not found in {self.data_dir}. "
+                + self._how_to_get_the_data()
+            )
+        return found
+
+    def prepare_data(self) -> None:
+        """With ``download``: fetch each missing idx .gz file into ``data_dir``, trying ``mirrors`` in turn."""
+        if not self.download:
+            return
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(
+                f"cannot create data_dir {self.data_dir} for the download ({err}); pass a writable one"
+            ) from err
+        for name in FASHION_MNIST_FILES.values():
+            if self._find(name) is None:
+                self._download(f"{name}.gz")
+
+    def _download(self, filename: str) -> None:
+        expected = self.checksums[filename]
+        target = self.data_dir / filename
+        errors = []
+        for mirror in self.mirrors:
+            url = f"{mirror}{filename}"
+            try:
+                download_url(url, str(self.data_dir), filename)
+            except (URLError, OSError, RuntimeError) as err:
+                errors.append(f"{url}: {type(err).__name__}: {err}")
+                target.unlink(missing_ok=True)  # a partial file must not pass for the data next time
+                continue
+            actual = calculate_md5(str(target))
+            if actual == expected:
+                logger.info("downloaded %s from %s", target, url)
+                return
+            target.unlink()
+            errors.append(f"{url}: MD5 checksum {actual} differs from the expected {expected} (corrupt download)")
+        raise RuntimeError(
+            f"could not download Fashion-MNIST file {filename} into {self.data_dir}: "
+            + "; ".join(errors)
+            + ". "
+            + self._how_to_get_the_data()
         )
 
     def _load(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(read_idx(self.files[f"{split}_images"]).copy()).unsqueeze(1)
-        labels = torch.from_numpy(read_idx(self.files[f"{split}_labels"]).astype(np.int64))
+        files = self._files()
+        images = torch.from_numpy(read_idx(files[f"{split}_images"]).copy()).unsqueeze(1)
+        labels = torch.from_numpy(read_idx(files[f"{split}_labels"]).astype(np.int64))
         if len(images) != len(labels):
             raise ValueError(
-                f"{self.files[f'{split}_images']} has {len(images)} images but "
-                f"{self.files[f'{split}_labels']} has {len(labels)} labels"
+                f"{files[f'{split}_images']} has {len(images)} images but {files[f'{split}_labels']} has "
+                f"{len(labels)} labels"
             )
         return images, labels
 

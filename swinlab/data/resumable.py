@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
+
+from swinlab.data.bad_samples import SkipCountingLoader
 
 
 class ResumableSampler(DistributedSampler):
@@ -49,8 +51,9 @@ class ResumableSampler(DistributedSampler):
         return iter(indices)
 
 
-class ResumableDataLoader(DataLoader):
-    """A training ``DataLoader`` on a ``ResumableSampler`` whose position Lightning checkpoints.
+class ResumableDataLoader(SkipCountingLoader):
+    """A training ``DataLoader`` on a ``ResumableSampler`` whose position Lightning checkpoints (and which counts
+    skipped samples, see ``SkipCountingLoader``).
 
     ``batches_consumed`` (batches of the current epoch already trained on) is kept up to date by
     ``swinlab.callbacks.ResumePosition``, which also applies the restored position when the run starts.

@@ -100,6 +100,7 @@ def test_predict_dir_keeps_raw_images(ade_folder: Path) -> None:
     batch = next(iter(module.predict_dataloader()))
     assert [tuple(img.shape[-2:]) for img in batch["raw_image"]] == SIZES["training"]
     assert all(img.dtype == torch.uint8 for img in batch["raw_image"])
+    assert batch["name"] == [f"ADE_training_{i:08d}.jpg" for i in range(3)] and batch["error"] == ["", "", ""]
 
 
 def test_parquet_source_matches_folder(ade_folder: Path, tmp_path_factory) -> None:

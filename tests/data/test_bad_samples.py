@@ -3,15 +3,28 @@ beyond the classes are skipped with a warning naming the file (counted) or raise
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
-from swinlab.data import ADE20KDataModule, COCODataModule, ImageFolderDataModule
-from swinlab.data.bad_samples import BadSampleError, open_image
+from swinlab.data import ADE20KDataModule, COCODataModule, FashionMNISTDataModule, ImageFolderDataModule
+from swinlab.data.bad_samples import (
+    PLACEHOLDER_SIZE,
+    READ_ERROR_KEY,
+    BadSampleError,
+    BadSampleReport,
+    open_image,
+    placeholder_image,
+)
+from swinlab.data.fashion_mnist import _grey_image_to_tensor
 
 
 def write_jpeg(path: Path, size: int = 40, seed: int = 0) -> None:
@@ -72,7 +85,7 @@ def folder_with_bad_images(tmp_path) -> Path:
 
 def image_folder_module(root: Path, **kwargs) -> ImageFolderDataModule:
     return ImageFolderDataModule(
-        str(root), image_size=32, batch_size=2, num_workers=0, pin_memory=False, auto_augment=None, **kwargs
+        str(root), image_size=32, batch_size=2, pin_memory=False, auto_augment=None, **{"num_workers": 0, **kwargs}
     )
 
 
@@ -157,3 +170,140 @@ def test_ade20k_skips_a_label_map_with_labels_beyond_the_classes(tmp_path, caplo
     strict.setup("validate")
     with pytest.raises(BadSampleError, match="0.jpg: label 8 >= num_classes 3"):
         strict.datasets["val"][0]
+
+
+class MeanColourClassifier(LightningModule):
+    """The smallest classifier of (images, labels) batches: a linear layer on the mean colour."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 2)
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self.head(images.mean(dim=(2, 3))), labels)
+
+    def training_step(self, batch, batch_idx):
+        return self.step(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.step(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_skipped_samples_are_summed_over_workers_and_reported_once_per_epoch(tmp_path, caplog):
+    """12 training images of which 2 are truncated, 6 validation images of which 2 are truncated (sample 1 read by
+    worker 0, sample 3 by worker 1), read by 2 workers for 2 epochs: each epoch reports the totals."""
+    root = tmp_path / "data"
+    for split, count in (("train", 6), ("val", 3)):
+        for label in ("a", "b"):
+            for i in range(count):
+                write_jpeg(root / split / label / f"{i}.jpg", seed=i)
+    for bad in ("train/a/4.jpg", "train/b/1.jpg", "val/a/1.jpg", "val/b/0.jpg"):
+        truncate(root / bad)
+    module = image_folder_module(root, num_workers=2)  # persistent workers: epoch 2 reuses them
+    trainer = Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path / "logs", name="", version=""),
+        callbacks=[BadSampleReport()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    with caplog.at_level(logging.WARNING, logger="swinlab.data.bad_samples"):
+        trainer.fit(MeanColourClassifier(), datamodule=module)
+
+    reports = [r.getMessage() for r in caplog.records if "samples skipped" in r.getMessage()]
+    assert len(reports) == 4, reports  # train and val, once per epoch (not for the sanity check)
+    for epoch in (0, 1):
+        train_report = next(r for r in reports if r.startswith(f"train epoch {epoch}:"))
+        assert "2 of 12 samples skipped" in train_report
+        assert "a/4.jpg" in train_report and "b/1.jpg" in train_report and "truncated" in train_report
+        val_report = next(r for r in reports if r.startswith(f"val epoch {epoch}:"))
+        assert "2 of 6 samples skipped" in val_report and "a/1.jpg" in val_report and "b/0.jpg" in val_report
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(row["train/bad_samples"]) for row in rows if row["train/bad_samples"]] == [2.0, 2.0]
+    assert [float(row["val/bad_samples"]) for row in rows if row["val/bad_samples"]] == [2.0, 2.0]
+
+
+def test_a_counting_loader_sums_the_skips_of_its_workers(folder_with_bad_images):
+    """Validation order: a/0 a/1 a/2 b/0 b/1 b/2, truncated a/1 (batch 0, worker 0) and b/0 (batch 1, worker 1)."""
+    truncate(folder_with_bad_images / "val" / "b" / "0.jpg")
+    truncate(folder_with_bad_images / "val" / "a" / "1.jpg")
+    module = image_folder_module(folder_with_bad_images, num_workers=2)
+    module.setup("validate")
+    loader = module.val_dataloader()
+    for _ in range(2):  # the second pass counts afresh
+        labels = torch.cat([batch[1] for batch in loader])
+        assert labels.tolist() == [0, 0, 0, 1, 1, 1]  # replaced by the next sample, batches keep their size
+        assert loader.skipped.samples == 6 and sorted(loader.skipped.skipped) == [1, 3]
+        assert "a/1.jpg" in loader.skipped.skipped[1] and "b/0.jpg" in loader.skipped.skipped[3]
+
+
+@pytest.fixture
+def folder_with_a_corrupt_image(tmp_path) -> Path:
+    """Five images 0.jpg .. 4.jpg; 2.jpg (the middle one) is not an image."""
+    root = tmp_path / "to_predict"
+    for i in range(5):
+        write_jpeg(root / f"{i}.jpg", seed=i)
+    (root / "2.jpg").write_bytes(b"not an image at all")
+    return root
+
+
+def assert_only_the_middle_row_failed(files: list[str], errors: list[str]) -> None:
+    assert files == [f"{i}.jpg" for i in range(5)], "every row is its own file"
+    assert [bool(error) for error in errors] == [False, False, True, False, False]
+    assert "2.jpg: unreadable image" in errors[2]
+
+
+def test_classification_predict_marks_an_unreadable_file_failed_in_its_own_row(
+    folder_with_a_corrupt_image, fashion_mnist_dir, caplog
+):
+    module = FashionMNISTDataModule(str(fashion_mnist_dir), predict_dir=str(folder_with_a_corrupt_image), batch_size=2)
+    module.setup("predict")
+    batches = list(module.predict_dataloader())
+    files = [file for batch in batches for file in batch["file"]]
+    errors = [error for batch in batches for error in batch[READ_ERROR_KEY]]
+    assert_only_the_middle_row_failed(files, errors)
+    assert "2.jpg: unreadable image" in caplog.text and "marked failed" in caplog.text
+    # Each readable row carries its own file's image; the failed one the placeholder, which keeps the batch shape.
+    images = torch.cat([batch["image"] for batch in batches])
+    for i in (1, 3):
+        expected = _grey_image_to_tensor(
+            open_image(folder_with_a_corrupt_image / f"{i}.jpg").convert("L"), module.eval_transform
+        )
+        assert torch.equal(images[i], expected)
+    assert torch.equal(images[2], _grey_image_to_tensor(placeholder_image("L"), module.eval_transform))
+
+    strict = FashionMNISTDataModule(
+        str(fashion_mnist_dir), predict_dir=str(folder_with_a_corrupt_image), on_bad_sample="raise"
+    )
+    strict.setup("predict")
+    with pytest.raises(BadSampleError, match=r"2\.jpg: unreadable image.*on_bad_sample=raise"):
+        strict.predict_set[2]
+
+
+def test_segmentation_predict_marks_an_unreadable_file_failed_in_its_own_row(folder_with_a_corrupt_image, tmp_path):
+    kwargs = {"class_names": ["a", "b"], "scale": (32, 16), "test_scale": (32, 16), "num_workers": 0}
+    folder_predict = ADE20KDataModule(str(tmp_path), predict_dir=str(folder_with_a_corrupt_image), **kwargs)
+    # Predict on the validation split (no predict_dir): same folder of images, each with a label map.
+    (tmp_path / "images").mkdir()
+    folder_with_a_corrupt_image.rename(tmp_path / "images" / "validation")
+    (tmp_path / "annotations" / "validation").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.ones((40, 40), dtype=np.uint8)).save(tmp_path / "annotations" / "validation" / f"{i}.png")
+    validation_predict = ADE20KDataModule(str(tmp_path), **kwargs)
+    folder_predict.predict_dir = str(tmp_path / "images" / "validation")
+    for module in (folder_predict, validation_predict):
+        module.setup("predict")
+        batches = list(module.predict_dataloader())
+        names = [name for batch in batches for name in batch["name"]]
+        errors = [error for batch in batches for error in batch[READ_ERROR_KEY]]
+        assert_only_the_middle_row_failed(names, errors)
+        raw = [image for batch in batches for image in batch["raw_image"]]
+        assert raw[2].shape == (3, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE) and raw[3].shape == (3, 40, 40)

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from swinlab.data import ADE20KDataModule, COCODataModule, FashionMNISTDataModule
 from swinlab.data.ade20k import collate_as_lists
+from swinlab.data.bad_samples import SkipCountingLoader
 from swinlab.data.base import BaseDataModule
 from swinlab.data.coco import collate_detection
 from swinlab.data.resumable import ResumableDataLoader
@@ -26,7 +27,8 @@ def test_classification_loaders(fashion_mnist_dir) -> None:
     train = module.train_dataloader()
     assert isinstance(train, ResumableDataLoader) and train.drop_last and len(train) == 2
     for loader in (module.val_dataloader(), module.test_dataloader(), module.predict_dataloader()):
-        assert type(loader) is DataLoader and loader.batch_size == 2 and not loader.drop_last and len(loader) == 3
+        assert type(loader) is SkipCountingLoader and loader.batch_size == 2
+        assert not loader.drop_last and len(loader) == 3
         assert [batch[0].tolist() for batch in loader] == [[0, 1], [2, 3], [4]], "evaluation keeps the order"
     assert not module.persistent_workers, "no persistent workers without workers"
 
@@ -38,15 +40,15 @@ def test_coco_keeps_the_last_training_batch_and_collates_lists(tmp_path) -> None
     module = fill(COCODataModule(str(tmp_path), batch_size=2, eval_batch_size=4, num_workers=2))
     train, val = module.train_dataloader(), module.val_dataloader()
     assert isinstance(train, ResumableDataLoader) and not train.drop_last and len(train) == 3
-    assert train.collate_fn is collate_detection and val.collate_fn is collate_detection
+    assert train.collate_fn.collate is collate_detection and val.collate_fn.collate is collate_detection
     assert val.batch_size == 4 and val.persistent_workers
 
 
 def test_ade20k_evaluation_batches_are_lists() -> None:
     module = fill(ADE20KDataModule("unused", batch_size=2, eval_batch_size=3, num_workers=0))
     train, val = module.train_dataloader(), module.val_dataloader()
-    assert train.drop_last and train.collate_fn is not collate_as_lists
-    assert val.collate_fn is collate_as_lists and val.batch_size == 3
+    assert train.drop_last and train.collate_fn.collate is not collate_as_lists
+    assert val.collate_fn.collate is collate_as_lists and val.batch_size == 3
     assert module.datasets.keys() == {"train", "val", "test", "predict"}
 
 

@@ -95,8 +95,9 @@ def test_predict_dir(image_folder, predict_folder):
     dm = ImageNetDataModule(data_dir=str(image_folder), predict_dir=str(predict_folder), **SMALL)
     dm.setup("predict")
     assert len(dm.predict_set) == 3  # notes.txt is skipped
-    images, files = next(iter(dm.predict_dataloader()))
-    assert images.shape == (2, 3, 32, 32) and list(files) == ["img_0.JPEG", "img_1.JPEG"]
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["file"] == ["img_0.JPEG", "img_1.JPEG"]
+    assert batch["error"] == ["", ""]
     with pytest.raises(ValueError, match="predict_dir"):
         ImageNetDataModule(data_dir=str(image_folder), **SMALL).setup("predict")
 
