@@ -12,6 +12,7 @@ import yaml
 
 from swinlab.cli import main
 from swinlab.config_compose import ConfigCompositionError, compose, expand_config_args, merge
+from swinlab.models.hub import PUBLISHED
 from swinlab.sweep import GRID_KEYS
 from tests.helpers import ROOT, TINY_SWIN
 
@@ -68,6 +69,21 @@ PAPER = [c for c in SHIPPED if "quickstart" not in c.name and c != ABLATION_BASE
 def test_paper_configs_take_the_shape_from_the_registry_name(config: Path) -> None:
     backbone_kwargs = compose(config)["model"]["init_args"].get("backbone_kwargs", {})
     assert not SHAPE_KEYS & set(backbone_kwargs)
+
+
+@pytest.mark.parametrize("config", PAPER, ids=[str(p.relative_to(CONFIGS)) for p in PAPER])
+def test_recipes_start_from_published_weights_of_their_own_model(config: Path) -> None:
+    """Detection, segmentation and fine-tuning recipes name official release weights (docs/weights.md) of the same
+    model size; ImageNet pre-training recipes start from scratch."""
+    init_args = compose(config)["model"]["init_args"]
+    pretrained = init_args.get("pretrained")
+    if config.parent.name == "classification" and "finetune" not in config.name:
+        assert pretrained is None
+        return
+    assert pretrained in PUBLISHED
+    size = {"t": "tiny", "s": "small", "b": "base", "l": "large"}[init_args["backbone"].split("_")[-1]]
+    family = init_args["backbone"].split("_")[0]  # swin or swinv2
+    assert pretrained.startswith(f"{family}_{size}_")
 
 
 def test_changing_the_backbone_of_a_upernet_config_changes_the_shape() -> None:
