@@ -8,10 +8,12 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 import yaml
 
 from swinlab.cli import main
 from swinlab.config_compose import ConfigCompositionError, compose, expand_config_args, merge
+from swinlab.models.hub import PUBLISHED
 from swinlab.sweep import GRID_KEYS
 from tests.helpers import ROOT, TINY_SWIN
 
@@ -70,6 +72,21 @@ def test_paper_configs_take_the_shape_from_the_registry_name(config: Path) -> No
     assert not SHAPE_KEYS & set(backbone_kwargs)
 
 
+@pytest.mark.parametrize("config", PAPER, ids=[str(p.relative_to(CONFIGS)) for p in PAPER])
+def test_recipes_start_from_published_weights_of_their_own_model(config: Path) -> None:
+    """Detection, segmentation and fine-tuning recipes name official release weights (docs/weights.md) of the same
+    model size; ImageNet pre-training recipes start from scratch."""
+    init_args = compose(config)["model"]["init_args"]
+    pretrained = init_args.get("pretrained")
+    if config.parent.name == "classification" and "finetune" not in config.name:
+        assert pretrained is None
+        return
+    assert pretrained in PUBLISHED
+    size = {"t": "tiny", "s": "small", "b": "base", "l": "large"}[init_args["backbone"].split("_")[-1]]
+    family = init_args["backbone"].split("_")[0]  # swin or swinv2
+    assert pretrained.startswith(f"{family}_{size}_")
+
+
 def test_changing_the_backbone_of_a_upernet_config_changes_the_shape() -> None:
     """Issue 14: the Swin-T UperNet config with ``backbone=swin_b`` used to build a Swin-T shape called swin_b."""
     config = CONFIGS / "segmentation" / "upernet_swin_t_512x512_160k_ade20k.yaml"
@@ -107,11 +124,55 @@ def test_ablation_base_fits(fashion_mnist_dir: Path, tmp_path: Path) -> None:
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
 
 
-def test_ablation_base_is_the_quickstart_shortened() -> None:
+def test_ablation_base_is_the_quickstart_shortened_with_shifted_windows_in_every_stage() -> None:
     quickstart, ablation = print_config("--config", str(QUICKSTART)), print_config("--config", str(ABLATION_BASE))
+    # The only model change: stages 2 and 3 (4x4 and 2x2 maps, window 4) keep the window and the shift.
+    backbone = ablation["model"]["init_args"]["backbone_kwargs"]
+    assert backbone.pop("clip_window_to_feature") is False
     assert ablation["model"] == quickstart["model"] and ablation["data"] == quickstart["data"]
     assert (ablation["trainer"]["max_epochs"], ablation["trainer"]["limit_train_batches"]) == (2, 0.25)
     assert not ablation["test_after_fit"] and quickstart["test_after_fit"]
+
+
+V1_TO_V2 = CONFIGS / "ablations" / "v1_to_v2.yaml"
+
+
+def test_v1_to_v2_grid_adds_one_change_at_a_time_and_ends_at_swin_v2() -> None:
+    from swinlab.models.swin import SWIN_V2
+    from swinlab.sweep import load_grid
+
+    points, seeds = load_grid(V1_TO_V2)
+    prefix = "model.init_args.backbone_kwargs."
+    assert all(key.startswith(prefix) for point in points for key in point) and seeds == [0, 1, 2]
+    changed = [{key.removeprefix(prefix): value for key, value in point.items()} for point in points]
+    v1 = {"norm": "pre", "similarity": "dot", "position_bias": "relative", "merge_norm": "before", "qkv_bias": True}
+    switched_on = [{key for key, value in point.items() if value != v1[key]} for point in changed]
+    assert switched_on[:4] == [set(), {"norm"}, {"norm", "similarity"}, {"norm", "similarity", "position_bias"}]
+    assert changed[-1] == SWIN_V2  # the last point is swinv2_t's set of switches
+
+
+@pytest.mark.parametrize("point", range(5), ids=["v1", "res_post", "cosine", "cpb", "v2"])
+def test_v1_to_v2_points_train_on_the_ablation_base(point: int, fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    """Cosine attention and the continuous position bias train at the quickstart's window 4, on 2x2 maps too."""
+    from swinlab.sweep import load_grid, point_config
+
+    points, _ = load_grid(V1_TO_V2)
+    config = point_config([ABLATION_BASE], points[point], 0, tmp_path)
+    shrink = [a for a in fashion_mnist_args(fashion_mnist_dir, tmp_path) if "backbone_kwargs" not in a]
+    cli = main(["fit", "--config", str(config), *shrink])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert all(torch.isfinite(p).all() for p in cli.model.parameters())
+    backbone = cli.model.backbone
+    built = {
+        "norm": backbone.norm_placement,
+        "similarity": backbone.similarity,
+        "position_bias": backbone.position_bias,
+        "merge_norm": backbone.merge_norm,
+        "qkv_bias": backbone.qkv_bias,
+    }
+    prefix = "model.init_args.backbone_kwargs."
+    assert {key.removeprefix(prefix): value for key, value in points[point].items()}.items() <= built.items()
+    assert not backbone.clip_window_to_feature
 
 
 def test_sweep_accepts_a_composed_base(tmp_path: Path) -> None:

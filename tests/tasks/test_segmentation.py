@@ -133,6 +133,7 @@ trainer:
 model:
   init_args:
     backbone_kwargs: {TINY_BACKBONE}
+    pretrained: null  # the paper recipes name hub weights; tests never download
     decode_channels: 8
     aux_channels: 8
     crop_size: 32
