@@ -6,7 +6,9 @@ Every point of the grid (overrides x seeds) is an ordinary ``fit`` of the base c
 ``--cluster local``) and gathers the results as the jobs finish. A finished run leaves ``result.json`` there, so
 a restarted sweep skips it; an unfinished one is started again from scratch. After each finished run the sweep
 rewrites ``DIR/results.csv`` and ``DIR/results.md`` (one row per run, then mean +- std over seeds per point) and
-``DIR/results.png`` (the best validation metric per point).
+``DIR/results.png`` (the best validation metric per point). A run that fails leaves ``failed.json`` (its
+error) instead, listed under "Failed runs" in ``results.md``; the sweep goes on with the other runs, retries it
+on its next start, and exits with the number of failed runs.
 
 The grid file::
 
@@ -50,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 GRID_KEYS = ("seeds", "grid", "points")
 RESULT_FILE = "result.json"
+FAILED_FILE = "failed.json"
 LAUNCHERS = ("local", "submitit")
 POLL_SECONDS = 1.0  # how often the submitit launcher asks whether jobs finished (submitit rate-limits sacct)
 COLUMNS = ("point", "seed", "metric", "best", "params_m", "gmacs", "images_per_s", "wall_s", "epochs")
@@ -197,6 +200,18 @@ def collect(out_dir: Path) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: (row["point"], row["seed"]))
 
 
+def record_failure(run_dir: Path, overrides: dict[str, Any], seed: int, error: str) -> None:
+    """``run_dir/failed.json``: the run's point, seed, overrides and error, for the reports."""
+    row = {"point": run_dir.parent.name, "seed": seed, "overrides": overrides, "error": error}
+    (run_dir / FAILED_FILE).write_text(json.dumps(row, indent=1))
+
+
+def collect_failures(out_dir: Path) -> list[dict[str, Any]]:
+    """Every failed run's row under ``out_dir`` (a retried run's folder is emptied first), by point then seed."""
+    rows = [json.loads(path.read_text()) for path in out_dir.glob(f"*/seed*/{FAILED_FILE}")]
+    return sorted(rows, key=lambda row: (row["point"], row["seed"]))
+
+
 def _fmt(value: Any, spec: str = ".3f") -> str:
     if value is None:
         return ""
@@ -226,8 +241,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def write_reports(out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """``results.csv`` (one row per run), ``results.md`` (runs, then mean +- std per point), ``results.png``."""
+def failure_lines(failures: Sequence[dict[str, Any]]) -> list[str]:
+    """The "Failed runs" table of ``results.md``."""
+    lines = ["## Failed runs", "", "| point | seed | error |", "|---" * 3 + "|"]
+    # A job's error holds its traceback: the table shows the last line, the exception.
+    last = [f["error"].strip().splitlines()[-1].strip().replace("|", "/") for f in failures]
+    return lines + [f"| {f['point']} | {f['seed']} | {error} |" for f, error in zip(failures, last)]
+
+
+def write_reports(out_dir: Path, rows: list[dict[str, Any]], failures: Sequence[dict[str, Any]] = ()) -> None:
+    """``results.csv`` (one row per finished run), ``results.md`` (runs, mean +- std per point, failed runs),
+    ``results.png``."""
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow([*COLUMNS, "overrides"])
@@ -261,6 +285,8 @@ def write_reports(out_dir: Path, rows: list[dict[str, Any]]) -> None:
             f"| {s['point']} | {s['seeds']} | {spread} | {_fmt(s['params_m'])} | {_fmt(s['gmacs'], '.4g')} | "
             f"{_fmt(s['images_per_s'], '.0f')} | {_fmt(s['wall_s'], '.0f')} |"
         )
+    if failures:
+        lines += ["", *failure_lines(failures)]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     plot_summary(summary, out_dir / "results.png")
 
@@ -357,26 +383,34 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[dict[str, Any], str
 
 
 def report(out_dir: Path) -> None:
-    """Rewrite the results tables and plot from every finished run under ``out_dir`` (none: nothing to write)."""
-    rows = collect(out_dir)
+    """Rewrite the results tables and plot from every finished run under ``out_dir`` (none: only the failures of
+    ``results.md``, if any)."""
+    rows, failures = collect(out_dir), collect_failures(out_dir)
     if rows:
-        write_reports(out_dir, rows)
+        write_reports(out_dir, rows, failures)
+    elif failures:
+        (out_dir / "results.md").write_text("\n".join(failure_lines(failures)) + "\n")
 
 
 def run_locally(
     args: argparse.Namespace, out_dir: Path, todo: Sequence[tuple[dict[str, Any], str, int]], extra_args: list[str]
 ) -> int:
     """The runs one after the other in this process; returns how many failed."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     failed = 0
     for overrides, name, seed in todo:
         logger.info("sweep: running %s seed %d", name, seed)
         run_dir = out_dir / name / f"seed{seed}"
         try:
             row = run_fit(prepare_run(args.config, overrides, seed, run_dir), run_dir, overrides, seed, extra_args)
-        # A failing point must not lose the others (it is retried on the next start); SystemExit (a bad
-        # argument, or Lightning's SIGTERM) stops the sweep.
-        except Exception:
+        except SIGTERMException:  # Lightning's SIGTERM (a cluster stopping the sweep): stop
+            raise
+        # A failing point must not lose the others (it is retried on the next start), nor must a point whose
+        # config the CLI rejects (SystemExit, its message already printed).
+        except (Exception, SystemExit) as err:
             logger.exception("sweep point %s seed %d failed", name, seed)
+            record_failure(run_dir, overrides, seed, f"{type(err).__name__}: {err}")
             failed += 1
             continue
         logger.info("sweep: %s seed %d: best %s = %s, %s s", name, seed, row["metric"], row["best"], row["wall_s"])
@@ -425,18 +459,19 @@ def run_with_submitit(
             run_dir = out_dir / name / f"seed{seed}"
             config = prepare_run(args.config, overrides, seed, run_dir)
             jobs.append(executor.submit(run_fit, config, run_dir, overrides, seed, extra_args))
-    runs = {job.job_id: (name, seed) for job, (_, name, seed) in zip(jobs, todo)}  # ids exist once the batch is sent
-    for job_id, (name, seed) in runs.items():
+    runs = {job.job_id: run for job, run in zip(jobs, todo)}  # ids exist once the batch is sent
+    for job_id, (_, name, seed) in runs.items():
         logger.info("sweep: submitted %s seed %d as job %s", name, seed, job_id)
     failed = 0
     for job in submitit.helpers.as_completed(jobs, poll_frequency=POLL_SECONDS):
-        name, seed = runs[job.job_id]
+        overrides, name, seed = runs[job.job_id]
         try:
             row = next(row for row in job.results() if row is not None)  # the rank-zero task's
         except Exception as err:  # a failed or killed job: retried on the next start of the sweep
             logger.error(
                 "sweep point %s seed %d failed (job %s, log %s): %s", name, seed, job.job_id, job.paths.stderr, err
             )
+            record_failure(out_dir / name / f"seed{seed}", overrides, seed, f"{type(err).__name__}: {err}")
             failed += 1
             continue
         logger.info("sweep: %s seed %d: best %s = %s, %s s", name, seed, row["metric"], row["best"], row["wall_s"])

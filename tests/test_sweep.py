@@ -88,6 +88,32 @@ def test_sweep_runs_resumes_and_writes_its_table(tmp_path, fashion_mnist_dir, ti
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed3/result.json")} == stamps
 
 
+def test_failing_points_are_logged_recorded_and_the_others_still_run(tmp_path, fashion_mnist_dir, tiny_swin, caplog):
+    """A point the CLI parser rejects (unknown option) and one swinlab's config check rejects (negative lr) come first;
+    the sweep logs both, runs the last point, lists the two under "Failed runs" and returns 2 (its exit code)."""
+    grid = tmp_path / "grid.yaml"
+    points = [{"model.init_args.no_such_option": 1}, {"model.init_args.optimizer.init_args.lr": -1.0}, {}]
+    grid.write_text(yaml.safe_dump({"seeds": [3], "points": points}))
+    out = tmp_path / "sweep"
+    args = ["--config", str(QUICKSTART), "--grid", str(grid), "--out", str(out)]
+    caplog.set_level(logging.INFO, logger="swinlab.sweep")
+    assert sweep.main([*args, *tiny_fit_args(fashion_mnist_dir, tiny_swin)]) == 2
+
+    assert "sweep point no_such_option=1 seed 3 failed" in caplog.text
+    assert "sweep point lr=-1.0 seed 3 failed" in caplog.text
+    assert [(r["point"], r["seed"]) for r in read_results(out)] == [("base", "3")]  # the finished run only
+    for name, error in (("no_such_option=1", "SystemExit: 2"), ("lr=-1.0", "ConfigError: invalid configuration")):
+        failure = json.loads((out / name / "seed3" / "failed.json").read_text())
+        assert failure["seed"] == 3 and failure["error"].startswith(error), failure
+        assert not (out / name / "seed3" / "result.json").exists()  # so the next start retries it
+    failed_table = (out / "results.md").read_text().split("## Failed runs")[1]
+    assert "| lr=-1.0 | 3 | - model.init_args.optimizer.init_args.lr=-1.0 must be > 0" in failed_table
+    assert "| no_such_option=1 | 3 | SystemExit: 2 |" in failed_table
+    caplog.clear()
+    assert sweep.main([*args, "--dry-run"]) == 0
+    assert "3 points x 1 seeds, 2 to run" in caplog.text
+
+
 def test_grid_is_crossed_with_points(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("seeds: [0, 1]\npoints: [{a.shift: true}, {a.shift: false}]\ngrid: {a.window_size: [3, 5]}\n")
@@ -176,6 +202,8 @@ def test_submitit_sweep_gathers_results_and_resubmits_a_killed_run(
     finished = list(out.glob("*/seed3/result.json"))
     assert len(finished) == 1
     assert [row["point"] for row in read_results(out)] == [finished[0].parent.parent.name]
+    killed = "shift=true" if finished[0].parent.parent.name == "shift=false" else "shift=false"
+    assert f"| {killed} | 3 |" in (out / "results.md").read_text().split("## Failed runs")[1]
     stamp = finished[0].stat().st_mtime_ns
 
     caplog.clear()
@@ -186,6 +214,7 @@ def test_submitit_sweep_gathers_results_and_resubmits_a_killed_run(
     assert all(r["metric"] == "val/top1" and 0.0 <= float(r["best"]) <= 1.0 for r in rows)
     assert finished[0].stat().st_mtime_ns == stamp
     assert "| shift=true | 3 |" in (out / "results.md").read_text() and (out / "results.png").stat().st_size > 0
+    assert "## Failed runs" not in (out / "results.md").read_text()  # the rerun emptied the killed run's folder
 
 
 def test_slurm_job_options_reach_the_sbatch_script(tmp_path, monkeypatch):

@@ -545,7 +545,9 @@ class SwinTransformer(nn.Module):
             parts = name.split(".")
             stage = int(parts[1])
             first = sum(self.depths[:stage]) + 1
-            return first + int(parts[3]) if parts[2] == "blocks" else first
+            # Patch merging shares the previous stage's last block layer, as the official get_swin_layer has it
+            # (the official layout keeps it at the end of that stage).
+            return first + int(parts[3]) if parts[2] == "blocks" else first - 1
         return self.num_lr_layers
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:

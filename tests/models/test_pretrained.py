@@ -1,0 +1,91 @@
+"""swinlab.models.pretrained: position-table resizing against the official formulas, key-prefix stripping."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swinlab.models import create_model, load_pretrained
+from swinlab.models.pretrained import resize_absolute_pos_embed, resize_relative_bias_table
+
+SMALL = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=3)
+
+
+def official_resized_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """microsoft/Swin-Transformer utils.py load_pretrained: ((2M'-1)^2, nH) -> ((2M-1)^2, nH), bicubic."""
+    L1, nH = table.shape
+    S1, S2 = int(L1**0.5), 2 * window - 1
+    resized = F.interpolate(table.permute(1, 0).view(1, nH, S1, S1), size=(S2, S2), mode="bicubic")
+    return resized.view(nH, S2 * S2).permute(1, 0)
+
+
+def official_resized_pos_embed(pos: torch.Tensor, side: int) -> torch.Tensor:
+    """microsoft/Swin-Transformer utils.py load_pretrained: (1, L1, C) -> (1, side * side, C), bicubic."""
+    _, L1, C = pos.shape
+    S1 = int(L1**0.5)
+    grid = pos.reshape(-1, S1, S1, C).permute(0, 3, 1, 2)
+    return F.interpolate(grid, size=(side, side), mode="bicubic").permute(0, 2, 3, 1).flatten(1, 2)
+
+
+@pytest.mark.parametrize("window", [4, 12])
+def test_resize_relative_bias_table_equals_official_bicubic(window):
+    torch.manual_seed(0)
+    table = torch.randn(13 * 13, 3)  # window 7, three heads
+    resized = resize_relative_bias_table(table, window)
+    assert resized.shape == ((2 * window - 1) ** 2, 3)
+    torch.testing.assert_close(resized, official_resized_bias_table(table, window), atol=1e-6, rtol=0)
+
+
+def test_resize_absolute_pos_embed_equals_official_bicubic():
+    torch.manual_seed(0)
+    pos = torch.randn(1, 8 * 8, 5)  # the official (1, L, C) layout
+    resized = resize_absolute_pos_embed(pos, (12, 12))
+    assert resized.shape == (1, 12, 12, 5)
+    torch.testing.assert_close(resized.flatten(1, 2), official_resized_pos_embed(pos, 12), atol=1e-6, rtol=0)
+
+
+def test_load_pretrained_resizes_both_tables_as_the_official_loader(tmp_path):
+    """A window-7, 32-pixel checkpoint in the official layout loaded into a window-4, 48-pixel model."""
+    torch.manual_seed(0)
+    source = create_model("swin_t", window_size=7, position_bias="relative+absolute", **SMALL)
+    state = source.state_dict()
+    state["absolute_pos_embed"] = state["absolute_pos_embed"].flatten(1, 2)  # official (1, L, C)
+    torch.save({"model": state}, tmp_path / "official.pth")
+    target = create_model("swin_t", window_size=4, position_bias="relative+absolute", **{**SMALL, "img_size": 48})
+    result = load_pretrained(target, tmp_path / "official.pth")
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = target.state_dict()
+    tables = [key for key in state if key.endswith("relative_position_bias_table")]
+    assert len(tables) == 4
+    for key in tables:
+        torch.testing.assert_close(loaded[key], official_resized_bias_table(state[key], 4), atol=1e-6, rtol=0)
+    expected = official_resized_pos_embed(state["absolute_pos_embed"], 12).view(1, 12, 12, -1)
+    torch.testing.assert_close(loaded["absolute_pos_embed"], expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "backbone.", "model.", "encoder.", "module.backbone."])
+def test_wrapped_keys_load_to_equal_weights(tmp_path, prefix):
+    """DDP (``module.``), Lightning task (``backbone.``), ``model.``/``encoder.`` wrappers, and DDP around a task."""
+    torch.manual_seed(0)
+    source = create_model("swin_t", window_size=4, **SMALL)
+    path = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": {prefix + key: value for key, value in source.state_dict().items()}}, path)
+    target = create_model("swin_t", window_size=4, **SMALL)
+    result = load_pretrained(target, path)
+    assert not result.missing_keys and not result.unexpected_keys
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_lightning_checkpoint_keeps_only_the_backbone(tmp_path):
+    """A task checkpoint holds modules next to the backbone (an EMA copy, losses, metrics): only ``backbone.*``
+    reaches the model."""
+    torch.manual_seed(0)
+    source = create_model("swin_t", window_size=4, **SMALL)
+    state = {f"backbone.{key}": value for key, value in source.state_dict().items()}
+    state["ema.module.head.weight"] = torch.zeros(3, 32)
+    state["val_metrics.top1.tp"] = torch.zeros(3)
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "last.ckpt")
+    target = create_model("swin_t", window_size=4, **SMALL)
+    result = load_pretrained(target, tmp_path / "last.ckpt")
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(target.head.weight, source.head.weight)
