@@ -8,10 +8,10 @@ from datetime import timedelta
 from typing import Any
 
 from jsonargparse import DefaultHelpFormatter, set_parsing_settings
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 import swinlab.data
@@ -19,6 +19,8 @@ import swinlab.tasks
 from swinlab.callbacks import NonFiniteLossGuard, PreemptionCheckpoint, ResumePosition
 from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.config_compose import expand_command_line
+from swinlab.plots import EvaluationPictures, TrainingCurves
+from swinlab.tasks.base import batch_size
 from swinlab.validation import (
     check_checkpoint_classes,
     check_num_classes,
@@ -57,7 +59,9 @@ class SwinLabCLI(LightningCLI):
 
     Every run gets a ``ModelCheckpoint`` (group ``checkpoint``) writing ``last.ckpt`` and the best checkpoint by
     ``checkpoint.monitor`` into ``<trainer.default_root_dir>/checkpoints`` unless ``checkpoint.dirpath`` is set,
-    and a CSV logger unless ``trainer.logger`` names another one.
+    TensorBoard and CSV loggers writing into the same ``lightning_logs/version_N`` folder unless ``trainer.logger``
+    names others (docs/tracking.md), the pictures of ``swinlab.plots`` (training curves after ``fit``,
+    evaluation pictures after ``validate``/``test``) and, in ``fit``, a ``ThroughputMonitor`` (images/s, FLOP/s).
 
     Reliability (see README "Resuming and pre-emption"): the config is checked before anything is built
     (``swinlab.validation``); checkpoints are saved atomically and loaded with ``weights_only=True``
@@ -117,13 +121,16 @@ class SwinLabCLI(LightningCLI):
         config = self._subcommand_config()
         if config.trainer.logger in (None, True):
             root = config.trainer.default_root_dir or os.getcwd()
-            kwargs.setdefault("logger", CSVLogger(save_dir=root))
+            csv_logger = CSVLogger(save_dir=root)
+            # One version folder for both: the CSV logger picks the next free version_N, TensorBoard takes it. The
+            # CSV logger goes first, so it creates the folder (it warns about a folder that is already there).
+            kwargs.setdefault("logger", [csv_logger, TensorBoardLogger(save_dir=root, version=csv_logger.version)])
         trainer_init = self._subcommand_config(self.config_init).get("trainer") or {}
         plugins = _as_list(kwargs.get("plugins", trainer_init.get("plugins")))
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         resume_checkpoints = self._resume_checkpoint()
-        extra = [ResumePosition(), PreemptionCheckpoint(), *resume_checkpoints]
+        extra = [ResumePosition(), PreemptionCheckpoint(), *resume_checkpoints, *self._observers()]
         kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", trainer_init.get("callbacks"))), *extra]
         trainer = super().instantiate_trainer(**kwargs)
         # ``trainer.checkpoint_callback`` (what ``best`` and ``test_after_fit`` use) is the first ModelCheckpoint:
@@ -131,6 +138,15 @@ class SwinLabCLI(LightningCLI):
         others = [callback for callback in trainer.callbacks if callback not in resume_checkpoints]
         trainer.callbacks = others + resume_checkpoints
         return trainer
+
+    def _observers(self) -> list[Callback]:
+        """Pictures (``swinlab.plots``) on every run; in ``fit`` also throughput over the batches between two log
+        lines (``SwinTask.flops_per_batch`` adds FLOP/s, and utilisation where Lightning knows the device's peak)."""
+        observers: list[Callback] = [TrainingCurves(), EvaluationPictures()]
+        if self.subcommand in (None, "fit"):
+            window = (self._subcommand_config().trainer.log_every_n_steps or 50) + 1
+            observers.append(ThroughputMonitor(batch_size_fn=batch_size, window_size=window))
+        return observers
 
     def _resume_checkpoint(self) -> list[ModelCheckpoint]:
         """A second ``ModelCheckpoint`` refreshing only ``last.ckpt`` in the same folder, every N steps or minutes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from swinlab.models import create_model, load_pretrained
+from swinlab.models.flops import count_macs
 from swinlab.optim import apply_lr_scale, param_groups
 
 
@@ -22,13 +24,24 @@ def build_backbone(name: str, backbone_kwargs: dict[str, Any] | None, pretrained
     return model
 
 
+def batch_images(batch: Any) -> torch.Tensor | list[torch.Tensor]:
+    """The images of a task's batch, ``(images, targets)`` (classification, detection) or ``{"image": ...}``
+    (segmentation): a (B, C, H, W) tensor or a list of (C, H, W) tensors."""
+    return batch["image"] if isinstance(batch, dict) else batch[0]
+
+
+def batch_size(batch: Any) -> int:
+    """Images in a task's batch (``ThroughputMonitor``'s ``batch_size_fn``)."""
+    return len(batch_images(batch))
+
+
 class SwinTask(LightningModule, ABC):
     """Base of every task, in the shape of torchgeo's ``BaseTask``.
 
     ``SwinTask.__init__`` owns what all tasks share: it checks ``num_classes``, saves the hyperparameters (every
     init argument of the concrete task except the optimizer and scheduler callables and ``hparams_ignore``), keeps
     the backbone spec (``backbone``, ``backbone_kwargs``, ``pretrained``, built by ``create_backbone``), the
-    optimizer and scheduler callables and ``layer_decay``, then calls the hooks a task fills in:
+    optimizer and scheduler callables, ``layer_decay`` and ``compile``, then calls the hooks a task fills in:
     ``configure_models`` (backbone and head), ``configure_losses`` and ``configure_metrics`` (``val_metrics``,
     ``test_metrics``). The hooks read the task's own arguments from ``self.hparams``.
 
@@ -40,6 +53,11 @@ class SwinTask(LightningModule, ABC):
     The optimizer and scheduler arrive as callables from LightningCLI, so the task builds its own parameter
     groups (no weight decay on norms, biases and position tables; optional layer-wise lr decay over the Swin
     blocks) and steps the schedule every iteration.
+
+    ``compile: true`` compiles the backbone with ``torch.compile(**compile_kwargs)`` in ``configure_model``.
+    ``example_input_array`` (one zero image at the backbone's ``img_size`` / ``in_chans``) lets Lightning's model
+    summary count FLOPs; ``flops_per_batch`` (set every training batch of fixed-size images: multiply-adds of
+    the task's forward x 2 x 3 for forward and backward) feeds ``ThroughputMonitor``'s FLOP rate.
     """
 
     #: Where the Swin backbone sits in the task (``get_submodule`` path): layer-wise lr decay scales its blocks.
@@ -48,6 +66,8 @@ class SwinTask(LightningModule, ABC):
     #: hyperparameters over the command line on ``--ckpt_path`` runs, so a run-time option saved there (the
     #: predictions' location, test-time augmentation) could not be changed for evaluation or prediction.
     hparams_ignore: ClassVar[tuple[str, ...]] = ()
+    #: Run-time options of every task, kept out of the hyperparameters for the same reason.
+    shared_run_time_options: ClassVar[tuple[str, ...]] = ("compile", "compile_kwargs")
 
     def __init__(
         self,
@@ -58,16 +78,25 @@ class SwinTask(LightningModule, ABC):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         layer_decay: float | None = None,
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         # Lightning collects the arguments of every __init__ up the class chain, the concrete task's included.
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", *self.hparams_ignore])
+        self.save_hyperparameters(
+            ignore=["optimizer", "lr_scheduler", *self.shared_run_time_options, *self.hparams_ignore]
+        )
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.layer_decay = layer_decay
+        self.compile_kwargs = dict(compile_kwargs or {}) if compile else None
+        self._compiled = False
+        #: Training FLOPs of the current batch, read by ``ThroughputMonitor`` (None: not counted).
+        self.flops_per_batch: int | None = None
+        self._macs_per_image: dict[tuple[int, ...], int] = {}
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -88,6 +117,45 @@ class SwinTask(LightningModule, ABC):
         ``num_classes`` (0: no classifier head), then the ``pretrained`` weights if any."""
         kwargs = {**defaults, **(self.hparams.backbone_kwargs or {}), "num_classes": num_classes}
         return build_backbone(self.hparams.backbone, kwargs, self.hparams.pretrained)
+
+    def configure_model(self) -> None:
+        """Compile the backbone once (Lightning calls this hook at the start of every run)."""
+        if self.compile_kwargs is None or self._compiled:
+            return
+        backbone = self.get_submodule(self.backbone_path)
+        # ``Module.compile`` wraps ``__call__`` in place: the state_dict keys (and so checkpoints) stay those of the
+        # eager model, without ``_orig_mod.``. Dense tasks call ``forward_features`` directly, which that wrapper
+        # does not reach, so it is compiled as well.
+        backbone.compile(**self.compile_kwargs)
+        if hasattr(backbone, "forward_features"):
+            backbone.forward_features = torch.compile(backbone.forward_features, **self.compile_kwargs)
+        self._compiled = True
+
+    def example_image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input image: the backbone's ``img_size`` and ``in_chans`` (defaults 224 and 3)."""
+        backbone = self.get_submodule(self.backbone_path)
+        kwargs = self.hparams.backbone_kwargs or {}
+        size = getattr(backbone, "img_size", None) or kwargs.get("img_size") or 224
+        height, width = (size, size) if isinstance(size, int) else size
+        return kwargs.get("in_chans", 3), height, width
+
+    @property
+    def example_input_array(self) -> Any:
+        """(1, C, H, W) zeros at ``example_image_shape``: Lightning's model summary runs it to count FLOPs."""
+        return torch.zeros(1, *self.example_image_shape())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        images = batch_images(batch)
+        # Lists of images of their own sizes (detection) are not counted.
+        self.flops_per_batch = self.training_flops(images.shape) if isinstance(images, torch.Tensor) else None
+
+    def training_flops(self, batch_shape: Sequence[int]) -> int:
+        """FLOPs of a training step on a (B, C, H, W) batch: multiply-adds of ``forward`` x 2 (FLOPs per MAC) x 3
+        (the backward pass costs about twice the forward). Counted once per image shape, on one image."""
+        image_shape = tuple(batch_shape[1:])
+        if image_shape not in self._macs_per_image:
+            self._macs_per_image[image_shape] = count_macs(self, image_shape)
+        return self._macs_per_image[image_shape] * 2 * 3 * batch_shape[0]
 
     def parameter_groups(self) -> list[dict]:
         """``swinlab.optim.param_groups`` of the task; with ``layer_decay`` the backbone's layer ids come from the

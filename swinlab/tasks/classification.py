@@ -35,6 +35,8 @@ class ClassificationTask(SwinTask):
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob: timm ``Mixup``; off when both alphas are 0.
         ema_decay: keep a timm ``ModelEmaV3`` of the backbone with this decay; validation, test and predict then
             use the averaged weights.
+        compile, compile_kwargs: ``torch.compile`` the backbone with these options (e.g. ``{"backend": "aot_eager"}``,
+            ``{"mode": "max-autotune"}``); run-time options, kept out of the checkpoint's hyperparameters.
         predictions_file: CSV written by ``predict`` (relative paths land in ``trainer.default_root_dir``).
     """
 
@@ -49,6 +51,8 @@ class ClassificationTask(SwinTask):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         layer_decay: float | None = None,
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
         lr_reference_batch: int | None = None,
         label_smoothing: float = 0.1,
         mixup_alpha: float = 0.0,
@@ -62,7 +66,17 @@ class ClassificationTask(SwinTask):
             raise ValueError(f"lr_reference_batch must be >= 1 or null, got {lr_reference_batch}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
-        super().__init__(backbone, backbone_kwargs, pretrained, num_classes, optimizer, lr_scheduler, layer_decay)
+        super().__init__(
+            backbone,
+            backbone_kwargs,
+            pretrained,
+            num_classes,
+            optimizer,
+            lr_scheduler,
+            layer_decay,
+            compile,
+            compile_kwargs,
+        )
         self.predictions_file = predictions_file
 
     def configure_models(self) -> None:
@@ -152,18 +166,22 @@ class ClassificationTask(SwinTask):
             # including it (the first update copies the weights).
             self.ema.update(self.backbone, step=self.global_step + 1)
 
-    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str) -> None:
+    def _evaluate(
+        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str
+    ) -> torch.Tensor:
+        """Logs loss and metrics; returns the (B, num_classes) logits for callbacks (``swinlab.plots``)."""
         images, targets = batch
         logits = self.eval_network(images)
         self.log(f"{stage}/loss", self.eval_loss(logits, targets), sync_dist=True)
         metrics.update(logits, targets)
         self.log_dict(metrics, prog_bar=stage == "val")
+        return logits.detach()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, self.val_metrics, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, list[str]], batch_idx: int) -> dict[str, Any]:
         """``(images, files)`` -> ``{"files", "probs": (B, k), "indices": (B, k)}``, the top k = min(5, C) classes."""

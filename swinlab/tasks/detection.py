@@ -70,6 +70,8 @@ class DetectionTask(SwinTask):
         mask_head_channels: width of the four-conv mask head.
         detector_kwargs: more arguments of torchvision's ``MaskRCNN`` / ``FasterRCNN`` (e.g.
             ``rpn_batch_size_per_image``, ``box_batch_size_per_image``, ``box_detections_per_img``).
+        compile, compile_kwargs: ``torch.compile`` the backbone with these options (e.g. ``{"backend": "aot_eager"}``,
+            ``{"mode": "max-autotune"}``); run-time options, kept out of the checkpoint's hyperparameters.
         predictions_dir: folder ``predict`` writes ``results.json`` and drawn images to (relative paths land in
             ``trainer.default_root_dir``).
     """
@@ -94,11 +96,23 @@ class DetectionTask(SwinTask):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         layer_decay: float | None = None,
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
         predictions_dir: str = "predictions",
     ) -> None:
         if len(anchor_sizes) != 5:
             raise ValueError(f"anchor_sizes needs one size per FPN level (5: strides 4..64), got {list(anchor_sizes)}")
-        super().__init__(backbone, backbone_kwargs, pretrained, num_classes, optimizer, lr_scheduler, layer_decay)
+        super().__init__(
+            backbone,
+            backbone_kwargs,
+            pretrained,
+            num_classes,
+            optimizer,
+            lr_scheduler,
+            layer_decay,
+            compile,
+            compile_kwargs,
+        )
         self.predictions_dir = predictions_dir
 
     def configure_models(self) -> None:
@@ -161,6 +175,13 @@ class DetectionTask(SwinTask):
             out.append(item)
         return out
 
+    @property
+    def example_input_array(self) -> tuple[list[torch.Tensor]]:
+        """``forward``'s one argument: a list of one (3, S, S) zero image, S the test size (the last ``min_size``)."""
+        min_size = self.hparams.min_size
+        size = min_size if isinstance(min_size, int) else min_size[-1]
+        return ([torch.zeros(3, size, size)],)
+
     def training_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> torch.Tensor:
         images, targets = batch
         losses = self.detector(images, self._detector_targets(targets))
@@ -170,7 +191,10 @@ class DetectionTask(SwinTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
-    def _evaluate(self, batch: tuple[list[torch.Tensor], list[dict]], metrics: MeanAveragePrecision) -> None:
+    def _evaluate(
+        self, batch: tuple[list[torch.Tensor], list[dict]], metrics: MeanAveragePrecision
+    ) -> list[dict[str, torch.Tensor]]:
+        """Updates ``metrics``; returns the ``forward`` predictions for callbacks (``swinlab.plots``)."""
         images, targets = batch
         predictions = self(images)
         metric_targets = []
@@ -185,6 +209,7 @@ class DetectionTask(SwinTask):
                 item["masks"] = target["masks"].as_subclass(torch.Tensor).bool()
             metric_targets.append(item)
         metrics.update(predictions, metric_targets)
+        return predictions
 
     def _log_metrics(self, metrics: MeanAveragePrecision, stage: str) -> None:
         results = metrics.compute()
@@ -198,14 +223,16 @@ class DetectionTask(SwinTask):
         self.log(f"{stage}/box_map_50", logged.pop(f"{stage}/box_map_50"), prog_bar=True)
         self.log_dict(logged)
 
-    def validation_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+    def validation_step(
+        self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int
+    ) -> list[dict[str, torch.Tensor]]:
+        return self._evaluate(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
 
-    def test_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+    def test_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        return self._evaluate(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")

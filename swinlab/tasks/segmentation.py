@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 # One definition each: the data pipeline's size check and the heads' bilinear resize (still private there).
-from swinlab.data.segmentation_transforms import _pair
+from swinlab.data.segmentation_transforms import to_pair
 from swinlab.models.upernet import FCNHead, UperNetHead, _resize
 from swinlab.prediction import SegmentationPredictionWriter
 from swinlab.tasks.base import SwinTask
@@ -59,6 +59,8 @@ class SegmentationTask(SwinTask):
         ignore_index: label value that is neither trained on nor scored.
         inference_mode, crop_size, stride, test_scales, test_flip: evaluation and prediction as above (kept out
             of the checkpoint's hyperparameters, so they can be changed when evaluating a checkpoint).
+        compile, compile_kwargs: ``torch.compile`` the backbone with these options (e.g. ``{"backend": "aot_eager"}``,
+            ``{"mode": "max-autotune"}``); run-time options, kept out of the checkpoint's hyperparameters.
         predictions_dir: folder ``predict`` writes ``labels/`` and ``overlays/`` to (relative paths land in
             ``trainer.default_root_dir``).
     """
@@ -86,14 +88,26 @@ class SegmentationTask(SwinTask):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         layer_decay: float | None = None,
+        compile: bool = False,
+        compile_kwargs: dict[str, Any] | None = None,
         predictions_dir: str = "predictions",
     ) -> None:
         if inference_mode not in ("whole", "slide"):
             raise ValueError(f"inference_mode must be 'whole' or 'slide', got {inference_mode!r}")
         if not test_scales or min(test_scales) <= 0:
             raise ValueError(f"test_scales must be positive factors, got {test_scales!r}")
-        crop_size, stride = _pair(crop_size, "crop_size"), _pair(stride, "stride")
-        super().__init__(backbone, backbone_kwargs, pretrained, num_classes, optimizer, lr_scheduler, layer_decay)
+        crop_size, stride = to_pair(crop_size, "crop_size"), to_pair(stride, "stride")
+        super().__init__(
+            backbone,
+            backbone_kwargs,
+            pretrained,
+            num_classes,
+            optimizer,
+            lr_scheduler,
+            layer_decay,
+            compile,
+            compile_kwargs,
+        )
         self.crop_size, self.stride = crop_size, stride
         self.inference_mode, self.test_scales, self.test_flip = inference_mode, tuple(test_scales), test_flip
         self.predictions_dir = predictions_dir
@@ -194,23 +208,26 @@ class SegmentationTask(SwinTask):
         """One image (3, h, w) -> label map (H, W) at ``output_size``."""
         return self.infer(image[None], output_size)[0].argmax(dim=0)
 
-    def _evaluate(self, batch: dict[str, list], metrics: SegmentationMetrics) -> None:
-        for image, mask in zip(batch["image"], batch["mask"]):
-            metrics.update(self._predict_labels(image, mask.shape)[None], mask[None])
+    def _evaluate(self, batch: dict[str, list], metrics: SegmentationMetrics) -> list[torch.Tensor]:
+        """Updates ``metrics``; returns each image's (H, W) label map for callbacks (``swinlab.plots``)."""
+        label_maps = [self._predict_labels(image, mask.shape) for image, mask in zip(batch["image"], batch["mask"])]
+        for labels, mask in zip(label_maps, batch["mask"]):
+            metrics.update(labels[None], mask[None])
+        return label_maps
 
     def _log_metrics(self, metrics: SegmentationMetrics, prefix: str) -> None:
         results = metrics.compute()
         metrics.reset()
         self.log_dict({f"{prefix}/{name}": value for name, value in results.items()}, prog_bar=True)
 
-    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> list[torch.Tensor]:
+        return self._evaluate(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
 
-    def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+    def test_step(self, batch: dict[str, list], batch_idx: int) -> list[torch.Tensor]:
+        return self._evaluate(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")

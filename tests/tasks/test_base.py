@@ -4,14 +4,20 @@ the prediction writer each task attaches itself."""
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.utilities.model_summary import ModelSummary
 
+from swinlab.cli import main
 from swinlab.data import ADE20KDataModule, COCODataModule, FashionMNISTDataModule
+from swinlab.models import create_model
+from swinlab.models.flops import count_macs
+from swinlab.plots import read_metrics_csv
 from swinlab.prediction import (
     ClassificationPredictionWriter,
     DetectionPredictionWriter,
@@ -19,7 +25,7 @@ from swinlab.prediction import (
     output_path,
 )
 from swinlab.tasks import ClassificationTask, DetectionTask, SegmentationTask, SwinTask
-from tests.helpers import TINY_SWIN, load_script
+from tests.helpers import ROOT, TINY_SWIN, load_script
 
 DENSE_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}
 TASKS = ("classification", "detection", "segmentation")
@@ -106,7 +112,8 @@ def test_every_task_saves_its_init_arguments_but_the_run_time_options(name: str)
     task = tiny_task(name, 3)
     assert task.num_classes == task.hparams.num_classes == 3
     arguments = set(inspect.signature(type(task)).parameters)
-    assert set(task.hparams) == arguments - {"optimizer", "lr_scheduler", *type(task).hparams_ignore}
+    run_time = {*type(task).hparams_ignore, *type(task).shared_run_time_options}
+    assert set(task.hparams) == arguments - {"optimizer", "lr_scheduler", *run_time}
     assert {"predictions_file", "predictions_dir"} & set(type(task).hparams_ignore)
 
 
@@ -127,3 +134,51 @@ def test_layer_decay_needs_no_head_of_its_own() -> None:
     scale_of = {name: group["lr_scale"] for group in task.parameter_groups() for name in group["names"]}
     assert scale_of["decode_head.fpn_bottleneck.0.weight"] == 1.0
     assert scale_of["backbone.patch_embed.proj.weight"] == pytest.approx(0.5**task.backbone.num_lr_layers)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_model_summary_counts_flops_from_the_example_input(name: str) -> None:
+    """Lightning's summary runs ``example_input_array``; its FLOPs are at most 2 x our multiply-adds (Lightning's
+    counter misses the CPU attention kernel that ``count_macs`` adds) and far from 0."""
+    task = tiny_task(name, 3)
+    flops = ModelSummary(task).total_flops
+    if name == "detection":
+        assert flops > 0
+    else:
+        macs = count_macs(task, task.example_image_shape())
+        assert 0.5 * 2 * macs < flops <= 2 * macs
+
+
+def test_compiled_task_trains_and_logs_throughput(fashion_mnist_dir: Path, tmp_path: Path) -> None:
+    """``compile: true`` (aot_eager: dynamo and AOTAutograd without inductor's C++ build) trains through the CLI,
+    whose ThroughputMonitor logs images/s and FLOP/s = 6 x the multiply-adds of one image x images/s."""
+    backbone_kwargs = {**TINY_SWIN, "in_chans": 1}
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32-true",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--data.init_args.data_dir={fashion_mnist_dir}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=4",
+        f"--model.init_args.backbone_kwargs={json.dumps(backbone_kwargs)}",
+        "--model.init_args.compile=true",
+        '--model.init_args.compile_kwargs={"backend": "aot_eager"}',
+        "--trainer.max_steps=3",
+        "--trainer.limit_val_batches=0",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_model_summary=false",
+        "--test_after_fit=false",
+    ]
+    cli = main(args)
+    backbone = cli.model.backbone
+    assert backbone._compiled_call_impl is not None and "compile" not in cli.model.hparams
+    rows = read_metrics_csv(next(tmp_path.glob("lightning_logs/version_*/metrics.csv")))
+    samples_per_sec = dict(rows["train/device/samples_per_sec"])
+    flops_per_sec = dict(rows["train/device/flops_per_sec"])
+    step = max(samples_per_sec)
+    macs = count_macs(create_model("swin_t", num_classes=10, **backbone_kwargs), (1, 32, 32))
+    assert flops_per_sec[step] == pytest.approx(6 * macs * samples_per_sec[step], rel=1e-6)
