@@ -22,6 +22,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from swinlab.data.bad_samples import READ_ERROR_KEY
+
 
 def output_path(trainer: Trainer, path: str | Path) -> Path:
     """``path`` itself if absolute, else ``path`` inside ``trainer.default_root_dir`` (the run's folder)."""
@@ -71,11 +73,16 @@ class ClassificationPredictionWriter(BasePredictionWriter):
 
 
 class DetectionPredictionWriter(BasePredictionWriter):
-    """Writes ``output_dir/results.json`` (COCO results format: original category ids, xywh boxes, RLE masks)
-    and ``output_dir/images/<image_id>.png`` with the boxes, masks and labels above ``score_threshold`` drawn.
+    """Writes ``output_dir/results.json`` (COCO results format: original category ids, xywh boxes, RLE masks),
+    ``output_dir/images.json`` (one entry per predicted image: ``id``, ``file_name``, ``width``, ``height`` and
+    ``error``, "" or why its file could not be read) and, per readable image, ``output_dir/images/<file>.png``
+    (``<file_name>`` with a .png suffix, or ``<image_id>.png`` without a file name) with the boxes, masks and
+    labels above ``score_threshold`` drawn. An unreadable image has an ``images.json`` entry with its error and
+    nothing else.
 
-    Class names and category ids come from the data module (``class_names``, ``category_ids``). A relative
-    ``output_dir`` is placed in ``trainer.default_root_dir``; under DDP each rank writes ``results_rank<r>.json``.
+    Predictions are ``DetectionTask.predict_step``'s. Class names and category ids come from the data module
+    (``class_names``, ``category_ids``). A relative ``output_dir`` is placed in ``trainer.default_root_dir``; under
+    DDP each rank writes ``results_rank<r>.json`` and ``images_rank<r>.json``.
     """
 
     def __init__(self, output_dir: str = "predictions", score_threshold: float = 0.5, draw: bool = True) -> None:
@@ -84,9 +91,10 @@ class DetectionPredictionWriter(BasePredictionWriter):
         self.score_threshold = score_threshold
         self.draw = draw
         self.results: list[dict[str, Any]] = []
+        self.images: list[dict[str, Any]] = []
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.results = []
+        self.results, self.images = [], []
 
     def _names(self, trainer: Trainer) -> tuple[list[int], list[str]]:
         datamodule = trainer.datamodule
@@ -114,6 +122,13 @@ class DetectionPredictionWriter(BasePredictionWriter):
         category_ids, class_names = self._names(trainer)
         images, _ = batch
         for image, det in zip(images, prediction):
+            file_name, error = det.get("file_name"), det.get(READ_ERROR_KEY, "")
+            height, width = image.shape[-2:]
+            self.images.append(
+                {"id": det["image_id"], "file_name": file_name, "width": width, "height": height, "error": error}
+            )
+            if error:
+                continue
             boxes, scores, labels = det["boxes"].cpu(), det["scores"].cpu(), det["labels"].cpu()
             masks = det["masks"].cpu() if "masks" in det else None
             for i in range(len(scores)):
@@ -129,10 +144,9 @@ class DetectionPredictionWriter(BasePredictionWriter):
                     entry["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
                 self.results.append(entry)
             if self.draw:
-                folder = output_path(trainer, self.output_dir) / "images"
-                self._draw(
-                    image.cpu(), boxes, scores, labels, masks, class_names, folder / f"{det['image_id']:012d}.png"
-                )
+                name = Path(file_name).with_suffix(".png") if file_name else Path(f"{det['image_id']:012d}.png")
+                path = output_path(trainer, self.output_dir) / "images" / name
+                self._draw(image.cpu(), boxes, scores, labels, masks, class_names, path)
 
     def _draw(
         self,
@@ -158,9 +172,15 @@ class DetectionPredictionWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         folder = output_path(trainer, self.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        name = "results.json" if trainer.world_size == 1 else f"results_rank{trainer.global_rank}.json"
-        (folder / name).write_text(json.dumps(self.results))
-        rank_zero_info(f"Wrote {len(self.results)} detections to {folder / name}")
+        suffix = "" if trainer.world_size == 1 else f"_rank{trainer.global_rank}"
+        (folder / f"results{suffix}.json").write_text(json.dumps(self.results))
+        (folder / f"images{suffix}.json").write_text(json.dumps(self.images, indent=1))
+        failed = sum(bool(image["error"]) for image in self.images)
+        rank_zero_info(
+            f"Wrote {len(self.results)} detections on {len(self.images) - failed} images to "
+            f"{folder / f'results{suffix}.json'}; {failed} unreadable images listed with their error in "
+            f"{folder / f'images{suffix}.json'}"
+        )
 
 
 def label_palette(num_classes: int) -> np.ndarray:

@@ -26,8 +26,22 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from swinlab.data.bad_samples import BadSampleError, BadSampleGuard, OnBadSample, open_image
-from swinlab.data.base import BaseDataModule
+from swinlab.data.bad_samples import (
+    READ_ERROR_KEY,
+    BadSampleError,
+    BadSampleGuard,
+    OnBadSample,
+    open_image,
+    placeholder_image,
+)
+from swinlab.data.base import BaseDataModule, ImageFilesDataset
+from swinlab.data.detection_augment import (
+    COCO_CROP_RESIZE_SIZES,
+    COCO_CROP_SIZE,
+    COCO_MAX_SIZE,
+    COCO_SIZES,
+    multiscale_crop_augment,
+)
 from swinlab.data.huggingface import load_split, read_row, split_features
 
 logger = logging.getLogger(__name__)
@@ -35,13 +49,15 @@ logger = logging.getLogger(__name__)
 Sample = tuple[torch.Tensor, dict[str, Any]]
 
 
-def detection_transforms(train: bool, flip_prob: float = 0.5) -> v2.Compose:
-    """PIL image + target -> float image in [0, 1]; training adds a horizontal flip that moves boxes and masks.
-
-    Multi-scale resizing is left to torchvision's ``GeneralizedRCNNTransform`` inside the detector.
+def detection_transforms(train: bool, flip_prob: float = 0.5, augment: v2.Transform | None = None) -> v2.Compose:
+    """PIL image + target -> float image in [0, 1]. Training adds ``augment`` (e.g. ``multiscale_crop_augment``,
+    which resizes, crops and flips itself) or, without one, a horizontal flip that moves boxes and masks; resizing
+    is then left to torchvision's ``GeneralizedRCNNTransform`` inside the detector.
     """
     steps: list[v2.Transform] = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if train and flip_prob > 0:
+    if train and augment is not None:
+        steps.append(augment)
+    elif train and flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(flip_prob))
     return v2.Compose(steps)
 
@@ -293,6 +309,37 @@ class HFDetection(Dataset):
         return image, target
 
 
+class DetectionPredictImages(Dataset):
+    """Image files to detect on: sample ``i`` is ``(image (3, H, W) float in [0, 1], {"image_id", "file_name",
+    READ_ERROR_KEY})`` for file ``i``, always. A file that cannot be read gives, with ``on_bad_sample="skip"``, the
+    placeholder image and the reason in ``READ_ERROR_KEY`` (the task predicts nothing for it, the writer lists it
+    as failed; see ``swinlab.data.bad_samples``); with ``raise`` it stops the run.
+    """
+
+    def __init__(
+        self, root: str | Path, files: Sequence[str], image_ids: Sequence[int], on_bad_sample: OnBadSample = "skip"
+    ) -> None:
+        if len(files) != len(image_ids):
+            raise ValueError(f"{len(files)} files but {len(image_ids)} image ids")
+        self.root, self.files, self.image_ids = Path(root), list(files), list(image_ids)
+        self.to_tensor = detection_transforms(train=False)
+        self.guard = BadSampleGuard(on_bad_sample)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _sample(self, index: int, image: Any, error: str = "") -> Sample:
+        info = {"image_id": self.image_ids[index], "file_name": self.files[index], READ_ERROR_KEY: error}
+        return self.to_tensor(image), info
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.guard.read_or_fail(
+            lambda i: self._sample(i, open_image(self.root / self.files[i])),
+            index,
+            lambda error: self._sample(index, placeholder_image(), error),
+        )
+
+
 class COCODataModule(BaseDataModule):
     """COCO detection / instance segmentation.
 
@@ -301,8 +348,19 @@ class COCODataModule(BaseDataModule):
     (``category_ids[label]`` maps back). ``source="hf"``: the same data saved with Hugging Face ``datasets``
     (``save_to_disk`` or parquet; splits ``train``/``validation`` by default), boxes only, so ``masks`` must be
     off. Training leaves out crowd regions and images without annotations; validation keeps both (crowd
-    regions are ignored by the COCO metric, as in the official evaluation). Test and predict run on the
-    validation split. Batches are ``(images, targets)`` lists; training keeps the last incomplete batch.
+    regions are ignored by the COCO metric, as in the official evaluation). Test runs on the validation split.
+    Batches are ``(images, targets)`` lists; training keeps the last incomplete batch.
+
+    Training augmentation (``train_augment``): ``flip`` (a horizontal flip with ``flip_prob``; the detector does
+    its own multi-scale resize) or ``multiscale_crop``, the official 3x policy of ``swinlab.data.detection_augment``
+    (short side one of ``train_sizes``, long side <= ``train_max_size``, or first a resize to ``crop_resize_sizes``
+    and a random ``crop_size`` crop, with probability ``crop_prob``; then the flip). With ``multiscale_crop`` the
+    images arrive resized, so ``DetectionTask`` turns the detector's own training resize off (``train_resizes``).
+
+    ``predict`` reads every image under ``predict_dir`` (recursively; image ids are the files' sorted positions),
+    else the validation split's images (its image ids); batches are ``(images, infos)`` with ``image_id``,
+    ``file_name`` and ``READ_ERROR_KEY`` ("" or why the file could not be read: that image is marked failed, never
+    replaced by another). The Hugging Face source without ``predict_dir`` predicts on its validation rows.
     """
 
     train_collate = eval_collate = staticmethod(collate_detection)
@@ -320,9 +378,18 @@ class COCODataModule(BaseDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         flip_prob: float = 0.5,
+        train_augment: Literal["flip", "multiscale_crop"] = "flip",
+        train_sizes: Sequence[int] = COCO_SIZES,
+        train_max_size: int = COCO_MAX_SIZE,
+        crop_resize_sizes: Sequence[int] = COCO_CROP_RESIZE_SIZES,
+        crop_size: tuple[int, int] = COCO_CROP_SIZE,
+        crop_prob: float = 0.5,
+        predict_dir: str | None = None,
         on_bad_sample: OnBadSample = "skip",
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, on_bad_sample=on_bad_sample)
+        if train_augment not in ("flip", "multiscale_crop"):
+            raise ValueError(f"train_augment must be 'flip' or 'multiscale_crop', got {train_augment!r}")
         if source not in ("coco", "hf"):
             raise ValueError(f"COCODataModule source must be 'coco' or 'hf', got {source!r}")
         if source == "hf" and masks:
@@ -337,7 +404,20 @@ class COCODataModule(BaseDataModule):
         self.masks = masks
         self.hf_bbox_format = hf_bbox_format
         self.flip_prob = flip_prob
+        self.train_augment = train_augment
+        # Built now so that bad sizes or probabilities fail at construction, not in a DataLoader worker.
+        self.augment = (
+            multiscale_crop_augment(train_sizes, train_max_size, crop_resize_sizes, crop_size, crop_prob, flip_prob)
+            if train_augment == "multiscale_crop"
+            else None
+        )
+        self.predict_dir = predict_dir
         self.category_ids, self.class_names = self._read_categories()
+
+    @property
+    def train_resizes(self) -> bool:
+        """Whether training images arrive resized by the augmentation (the detector must not resize them again)."""
+        return self.augment is not None
 
     def annotation_file(self, split: str) -> Path:
         return self.root / "annotations" / f"instances_{split}.json"
@@ -376,7 +456,7 @@ class COCODataModule(BaseDataModule):
         return list(range(len(names))), list(names)
 
     def _dataset(self, split: str, train: bool) -> Dataset:
-        transforms = detection_transforms(train, self.flip_prob)
+        transforms = detection_transforms(train, self.flip_prob, self.augment)
         if self.source == "coco":
             return CocoJsonDetection(
                 self.root / split,
@@ -398,9 +478,27 @@ class COCODataModule(BaseDataModule):
             on_bad_sample=self.on_bad_sample,
         )
 
+    def _predict_dataset(self) -> Dataset:
+        if self.predict_dir is not None:
+            listing = ImageFilesDataset(self.predict_dir, transform=lambda image: image)  # lists and checks the folder
+            files = [path.relative_to(listing.root).as_posix() for path in listing.files]
+            return DetectionPredictImages(listing.root, files, range(len(files)), self.on_bad_sample)
+        if self.source == "hf":
+            return self._dataset(self.val_split, train=False)
+        images = json.loads(self.annotation_file(self.val_split).read_text()).get("images", [])
+        images.sort(key=lambda info: info["id"])
+        return DetectionPredictImages(
+            self.root / self.val_split,
+            [info["file_name"] for info in images],
+            [info["id"] for info in images],
+            self.on_bad_sample,
+        )
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.train_set is None:
             self.train_set = self._dataset(self.train_split, train=True)
-        if stage in ("fit", "validate", "test", "predict") and self.val_set is None:
+        if stage in ("fit", "validate", "test") and self.val_set is None:
             self.val_set = self._dataset(self.val_split, train=False)
-        self.test_set = self.predict_set = self.val_set
+        self.test_set = self.val_set
+        if stage == "predict" and self.predict_set is None:
+            self.predict_set = self._predict_dataset()

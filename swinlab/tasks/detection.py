@@ -1,7 +1,8 @@
-"""Object detection and instance segmentation: torchvision Mask R-CNN (or Faster R-CNN) + FPN on Swin."""
+"""Detection and instance segmentation on Swin + FPN: Mask / Faster R-CNN, Cascade (Mask) R-CNN, RetinaNet, FCOS."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -12,20 +13,26 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
-from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from swinlab.data.bad_samples import READ_ERROR_KEY
+from swinlab.models.detectors import Framework, build_detector
 from swinlab.prediction import DetectionPredictionWriter
 from swinlab.tasks.base import SwinTask
+
+logger = logging.getLogger(__name__)
 
 # The paper's multi-scale training: short side 480..800 in steps of 32 (the last one is also the test size).
 COCO_TRAIN_SIZES = tuple(range(480, 801, 32))
 METRIC_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 MASK_THRESHOLD = 0.5
+# What ``masks: false`` turns a mask framework into.
+BOX_ONLY = {"mask_rcnn": "faster_rcnn", "cascade_mask_rcnn": "cascade_rcnn"}
+TWO_STAGE = ("mask_rcnn", "faster_rcnn", "cascade_mask_rcnn", "cascade_rcnn")
+# detector_kwargs of the two-stage frameworks (RPN and RoI-head settings) that the one-stage ones do not have.
+TWO_STAGE_OPTION_PREFIXES = ("rpn_", "box_")
 
 
 class SwinFPN(nn.Module):
@@ -49,31 +56,41 @@ class SwinFPN(nn.Module):
 
 
 class DetectionTask(SwinTask):
-    """Mask R-CNN (``masks=True``) or Faster R-CNN on Swin + FPN, with COCO box and mask AP on validation and test.
+    """A detector of ``swinlab.models.build_detector`` on Swin + FPN, with COCO box (and mask) AP on validation and
+    test: ``framework`` ``mask_rcnn`` (default), ``faster_rcnn``, ``cascade_mask_rcnn``, ``cascade_rcnn``,
+    ``retinanet`` or ``fcos``.
 
     Targets come from ``swinlab.data.COCODataModule`` with contiguous labels ``0 .. num_classes - 1``; the
-    torchvision detector counts the background as class 0, so labels are shifted by one on the way in and out.
-    Metrics: ``{val,test}/{box,mask}_{map,map_50,map_75,map_small,map_medium,map_large}`` over the whole split.
+    detectors count the background as class 0, so labels are shifted by one on the way in and out.
+    Metrics: ``{val,test}/{box,mask}_{map,map_50,map_75,map_small,map_medium,map_large}`` over the whole split
+    (``mask_*`` for the mask frameworks only). When the data module resizes training images itself
+    (``train_resizes``: the 3x ``multiscale_crop`` augmentation), the detector's own training resize is turned off.
 
     Args:
         num_classes: object classes, without the background (linked from the data module by the CLI).
+        framework: the detector (see above).
         backbone: registered model name (``swin_t``, ``swin_s``, ``swin_b``, ``swin_l``).
         backbone_kwargs: constructor overrides (``drop_path_rate``, ...); ``out_indices`` defaults to all 4 stages.
         pretrained: official, timm or swinlab classification checkpoint for the backbone.
-        masks: Mask R-CNN (instance masks and mask AP) if true, Faster R-CNN (boxes only) if false.
-        fpn_channels: width of the FPN levels and of the RoI heads' input.
+        masks: instance masks (and mask AP) for the mask frameworks; false turns ``mask_rcnn`` into Faster R-CNN
+            and ``cascade_mask_rcnn`` into Cascade R-CNN. RetinaNet and FCOS give boxes only either way.
+        fpn_channels: width of the FPN levels and of the heads' input.
         min_size: the short side; a list gives multi-scale training (one drawn per batch) and its last entry is
             the test size.
         max_size: cap on the long side.
-        anchor_sizes: one anchor size per FPN level (strides 4, 8, 16, 32, 64), aspect ratios 0.5, 1, 2.
-        box_head_dim: width of the two-layer box head.
+        anchor_sizes: the RPN's anchor size per FPN level (strides 4, 8, 16, 32, 64), aspect ratios 0.5, 1, 2
+            (two-stage frameworks; RetinaNet and FCOS size their anchors from the strides, see ``build_detector``).
+        box_head_dim: width of the box head's last layer (two-stage frameworks).
         mask_head_channels: width of the four-conv mask head.
-        detector_kwargs: more arguments of torchvision's ``MaskRCNN`` / ``FasterRCNN`` (e.g.
-            ``rpn_batch_size_per_image``, ``box_batch_size_per_image``, ``box_detections_per_img``).
+        detector_kwargs: more arguments of the framework's constructor (torchvision's ``MaskRCNN`` /
+            ``FasterRCNN`` / ``RetinaNet`` / ``FCOS``, swinlab's ``CascadeRCNN``), e.g.
+            ``rpn_batch_size_per_image``, ``box_detections_per_img``, ``score_thresh``. The two-stage ``rpn_*`` and
+            ``box_*`` options are left out (with a warning) for RetinaNet and FCOS, so one config serves every
+            framework; any other unknown key is an error.
         compile, compile_kwargs: ``torch.compile`` the backbone with these options (e.g. ``{"backend": "aot_eager"}``,
             ``{"mode": "max-autotune"}``); run-time options, kept out of the checkpoint's hyperparameters.
-        predictions_dir: folder ``predict`` writes ``results.json`` and drawn images to (relative paths land in
-            ``trainer.default_root_dir``).
+        predictions_dir: folder ``predict`` writes ``results.json``, ``images.json`` and drawn images to
+            (relative paths land in ``trainer.default_root_dir``).
     """
 
     backbone_path = "detector.backbone.body"
@@ -82,6 +99,7 @@ class DetectionTask(SwinTask):
     def __init__(
         self,
         num_classes: int,
+        framework: Framework = "mask_rcnn",
         backbone: str = "swin_t",
         backbone_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
@@ -115,36 +133,56 @@ class DetectionTask(SwinTask):
         )
         self.predictions_dir = predictions_dir
 
+    @property
+    def framework(self) -> str:
+        """The detector actually built: ``hparams.framework``, without its mask head when ``masks`` is off."""
+        framework = self.hparams.framework
+        return framework if self.hparams.masks else BOX_ONLY.get(framework, framework)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.framework in ("mask_rcnn", "cascade_mask_rcnn")
+
+    def _framework_options(self) -> dict[str, Any]:
+        """The constructor options of ``build_detector`` for this framework, from the task's arguments."""
+        hparams = self.hparams
+        options = dict(hparams.detector_kwargs or {})
+        if self.framework in TWO_STAGE:
+            anchor_sizes = hparams.anchor_sizes
+            anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+            return dict(
+                rpn_anchor_generator=anchors,
+                box_head_dim=hparams.box_head_dim,
+                mask_head_channels=hparams.mask_head_channels,
+                **options,
+            )
+        two_stage = sorted(key for key in options if key.startswith(TWO_STAGE_OPTION_PREFIXES))
+        if two_stage:
+            logger.warning("%s has no RPN or RoI heads: detector_kwargs %s left out", self.framework, two_stage)
+        return {key: value for key, value in options.items() if key not in two_stage}
+
     def configure_models(self) -> None:
-        hparams, fpn_channels, num_classes = self.hparams, self.hparams.fpn_channels, self.num_classes
-        features = SwinFPN(self.create_backbone(num_classes=0, out_indices=(0, 1, 2, 3)), fpn_channels)
-        min_size = hparams.min_size
-        sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
-        anchor_sizes = hparams.anchor_sizes
-        anchors = AnchorGenerator(tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
-        common: dict[str, Any] = dict(
-            min_size=sizes,
+        hparams = self.hparams
+        features = SwinFPN(self.create_backbone(num_classes=0, out_indices=(0, 1, 2, 3)), hparams.fpn_channels)
+        self.detector: nn.Module = build_detector(
+            self.framework,
+            features,
+            self.num_classes,
+            min_size=hparams.min_size if isinstance(hparams.min_size, int) else tuple(hparams.min_size),
             max_size=hparams.max_size,
             image_mean=IMAGENET_DEFAULT_MEAN,
             image_std=IMAGENET_DEFAULT_STD,
-            rpn_anchor_generator=anchors,
-            box_head=TwoMLPHead(fpn_channels * 7 * 7, hparams.box_head_dim),
-            box_predictor=FastRCNNPredictor(hparams.box_head_dim, num_classes + 1),
-            **(hparams.detector_kwargs or {}),
+            **self._framework_options(),
         )
-        if hparams.masks:
-            mask_channels = hparams.mask_head_channels
-            self.detector: nn.Module = MaskRCNN(
-                features,
-                mask_head=MaskRCNNHeads(fpn_channels, [mask_channels] * 4, 1),
-                mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
-                **common,
-            )
-        else:
-            self.detector = FasterRCNN(features, **common)
+
+    def setup(self, stage: str) -> None:
+        """Turn the detector's training resize off when the data module resizes training images itself."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and getattr(datamodule, "train_resizes", False):
+            self.detector.transform._skip_resize = True
 
     def configure_metrics(self) -> None:
-        iou_type = ("bbox", "segm") if self.hparams.masks else "bbox"
+        iou_type = ("bbox", "segm") if self.has_masks else "bbox"
         self.val_metrics = MeanAveragePrecision(iou_type=iou_type, backend="pycocotools")
         self.test_metrics = self.val_metrics.clone()
 
@@ -152,7 +190,7 @@ class DetectionTask(SwinTask):
         out = []
         for target in targets:
             item = {"boxes": target["boxes"].as_subclass(torch.Tensor), "labels": target["labels"] + 1}
-            if self.hparams.masks:
+            if self.has_masks:
                 if "masks" not in target:
                     raise ValueError(
                         "the task has masks: true but the data gives no masks; set masks: true in the data module "
@@ -205,7 +243,7 @@ class DetectionTask(SwinTask):
                 "iscrowd": target["iscrowd"],
                 "area": target["area"],
             }
-            if self.hparams.masks:
+            if self.has_masks:
                 item["masks"] = target["masks"].as_subclass(torch.Tensor).bool()
             metric_targets.append(item)
         metrics.update(predictions, metric_targets)
@@ -214,7 +252,7 @@ class DetectionTask(SwinTask):
     def _log_metrics(self, metrics: MeanAveragePrecision, stage: str) -> None:
         results = metrics.compute()
         metrics.reset()
-        prefixes = {"bbox": "box", "segm": "mask"} if self.hparams.masks else {"": "box"}
+        prefixes = {"bbox": "box", "segm": "mask"} if self.has_masks else {"": "box"}
         logged = {}
         for source, name in prefixes.items():
             for key in METRIC_KEYS:
@@ -238,11 +276,20 @@ class DetectionTask(SwinTask):
         self._log_metrics(self.test_metrics, "test")
 
     def predict_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> list[dict[str, Any]]:
-        images, targets = batch
-        predictions = self(images)
-        for prediction, target in zip(predictions, targets):
-            prediction["image_id"] = target["image_id"]
-        return predictions
+        """Per image, in batch order: the ``forward`` detections plus ``image_id``, ``file_name`` and
+        ``READ_ERROR_KEY``; an image whose file could not be read (a placeholder) is not run and has no detections."""
+        images, infos = batch
+        readable = [i for i, info in enumerate(infos) if not info.get(READ_ERROR_KEY)]
+        detections = dict(zip(readable, self([images[i] for i in readable]))) if readable else {}
+        return [
+            {
+                **detections.get(i, {}),
+                "image_id": info["image_id"],
+                "file_name": info.get("file_name"),
+                READ_ERROR_KEY: info.get(READ_ERROR_KEY, ""),
+            }
+            for i, info in enumerate(infos)
+        ]
 
     def configure_callbacks(self) -> list[Callback]:
         return [DetectionPredictionWriter(self.predictions_dir)]

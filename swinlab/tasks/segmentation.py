@@ -17,6 +17,9 @@ from swinlab.models.upernet import FCNHead, UperNetHead, _resize
 from swinlab.prediction import SegmentationPredictionWriter
 from swinlab.tasks.base import SwinTask
 
+# The official multi-scale test (mmseg ``img_ratios``), each scale also flipped.
+MS_FLIP_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
 
 class SegmentationMetrics(MulticlassJaccardIndex):
     """mIoU, mean class accuracy and pixel accuracy over a whole data set, as mmsegmentation reports them.
@@ -51,6 +54,12 @@ class SegmentationTask(SwinTask):
     test size) and ``test_flip`` average softmax scores; scores are resized to the original image before
     the argmax. Metrics: ``{val,test}/{mIoU,mAcc,aAcc}`` over the whole split.
 
+    ``test_augmentation="ms_flip"`` is the official multi-scale + flip test: every image is also evaluated at
+    ``ms_flip_ratios`` (0.5 .. 1.75 of the test size) and the flipped copy of each; each pass's logits are flipped
+    back, resized to the original image and turned into softmax scores, and the 12 score maps are averaged (as
+    mmseg's ``aug_test``). Validation and test then log those metrics beside the single-pass ones
+    (``val/mIoU_ms_flip`` next to ``val/mIoU``, ...); ``predict`` writes the ms+flip labels.
+
     Args:
         num_classes: output classes (linked from the data module by the CLI).
         backbone, backbone_kwargs, pretrained: the Swin backbone (``out_indices`` defaults to all 4 stages).
@@ -59,13 +68,24 @@ class SegmentationTask(SwinTask):
         ignore_index: label value that is neither trained on nor scored.
         inference_mode, crop_size, stride, test_scales, test_flip: evaluation and prediction as above (kept out
             of the checkpoint's hyperparameters, so they can be changed when evaluating a checkpoint).
+        test_augmentation, ms_flip_ratios: ``none`` or ``ms_flip`` (multi-scale + flip, above) and its scales
+            (also kept out of the hyperparameters).
         compile, compile_kwargs: ``torch.compile`` the backbone with these options (e.g. ``{"backend": "aot_eager"}``,
             ``{"mode": "max-autotune"}``); run-time options, kept out of the checkpoint's hyperparameters.
         predictions_dir: folder ``predict`` writes ``labels/`` and ``overlays/`` to (relative paths land in
             ``trainer.default_root_dir``).
     """
 
-    hparams_ignore = ("inference_mode", "crop_size", "stride", "test_scales", "test_flip", "predictions_dir")
+    hparams_ignore = (
+        "inference_mode",
+        "crop_size",
+        "stride",
+        "test_scales",
+        "test_flip",
+        "test_augmentation",
+        "ms_flip_ratios",
+        "predictions_dir",
+    )
 
     def __init__(
         self,
@@ -85,6 +105,8 @@ class SegmentationTask(SwinTask):
         stride: int | Sequence[int] = 341,
         test_scales: Sequence[float] = (1.0,),
         test_flip: bool = False,
+        test_augmentation: Literal["none", "ms_flip"] = "none",
+        ms_flip_ratios: Sequence[float] = MS_FLIP_RATIOS,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         layer_decay: float | None = None,
@@ -96,6 +118,10 @@ class SegmentationTask(SwinTask):
             raise ValueError(f"inference_mode must be 'whole' or 'slide', got {inference_mode!r}")
         if not test_scales or min(test_scales) <= 0:
             raise ValueError(f"test_scales must be positive factors, got {test_scales!r}")
+        if test_augmentation not in ("none", "ms_flip"):
+            raise ValueError(f"test_augmentation must be 'none' or 'ms_flip', got {test_augmentation!r}")
+        if not ms_flip_ratios or min(ms_flip_ratios) <= 0:
+            raise ValueError(f"ms_flip_ratios must be positive factors, got {ms_flip_ratios!r}")
         crop_size, stride = to_pair(crop_size, "crop_size"), to_pair(stride, "stride")
         super().__init__(
             backbone,
@@ -110,6 +136,7 @@ class SegmentationTask(SwinTask):
         )
         self.crop_size, self.stride = crop_size, stride
         self.inference_mode, self.test_scales, self.test_flip = inference_mode, tuple(test_scales), test_flip
+        self.test_augmentation, self.ms_flip_ratios = test_augmentation, tuple(ms_flip_ratios)
         self.predictions_dir = predictions_dir
 
     def configure_models(self) -> None:
@@ -136,6 +163,9 @@ class SegmentationTask(SwinTask):
     def configure_metrics(self) -> None:
         self.val_metrics = SegmentationMetrics(self.num_classes, self.hparams.ignore_index)
         self.test_metrics = SegmentationMetrics(self.num_classes, self.hparams.ignore_index)
+        # Used with test_augmentation="ms_flip" (a run-time option, set after this hook runs).
+        self.val_metrics_ms_flip = SegmentationMetrics(self.num_classes, self.hparams.ignore_index)
+        self.test_metrics_ms_flip = SegmentationMetrics(self.num_classes, self.hparams.ignore_index)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images -> UperNet logits (B, num_classes, H, W)."""
@@ -186,51 +216,72 @@ class SegmentationTask(SwinTask):
                 counts[..., top:bottom, left:right] += 1
         return logits / counts
 
-    def infer(self, images: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
+    def infer(
+        self,
+        images: torch.Tensor,
+        output_size: Sequence[int],
+        scales: Sequence[float] | None = None,
+        flip: bool | None = None,
+    ) -> torch.Tensor:
         """(B, 3, h, w) -> class scores (B, num_classes, H, W) at ``output_size``: logits for one pass,
-        softmax averaged over ``test_scales`` x flips otherwise."""
+        softmax averaged over ``scales`` x flips otherwise (default ``test_scales`` and ``test_flip``). A flipped
+        pass is flipped back before the resize to ``output_size``."""
+        scales = self.test_scales if scales is None else scales
+        flip = self.test_flip if flip is None else flip
         height, width = images.shape[-2:]
-        passes = [
-            (scale, flip) for scale in self.test_scales for flip in ((False, True) if self.test_flip else (False,))
-        ]
+        passes = [(scale, flipped) for scale in scales for flipped in ((False, True) if flip else (False,))]
         total = None
-        for scale, flip in passes:
+        for scale, flipped in passes:
             x = images if scale == 1.0 else _resize(images, (int(height * scale + 0.5), int(width * scale + 0.5)))
-            x = x.flip(-1) if flip else x
+            x = x.flip(-1) if flipped else x
             logits = self.slide_inference(x) if self.inference_mode == "slide" else self(x)
-            scores = _resize(logits.flip(-1) if flip else logits, output_size)
+            scores = _resize(logits.flip(-1) if flipped else logits, output_size)
             if len(passes) > 1:
                 scores = scores.softmax(dim=1)
             total = scores if total is None else total + scores
         return total / len(passes)
 
-    def _predict_labels(self, image: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
-        """One image (3, h, w) -> label map (H, W) at ``output_size``."""
-        return self.infer(image[None], output_size)[0].argmax(dim=0)
+    def infer_ms_flip(self, images: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
+        """(B, 3, h, w) -> softmax scores (B, num_classes, H, W) averaged over ``ms_flip_ratios`` x flip."""
+        return self.infer(images, output_size, self.ms_flip_ratios, True)
 
-    def _evaluate(self, batch: dict[str, list], metrics: SegmentationMetrics) -> list[torch.Tensor]:
-        """Updates ``metrics``; returns each image's (H, W) label map for callbacks (``swinlab.plots``)."""
-        label_maps = [self._predict_labels(image, mask.shape) for image, mask in zip(batch["image"], batch["mask"])]
-        for labels, mask in zip(label_maps, batch["mask"]):
-            metrics.update(labels[None], mask[None])
+    def _predict_labels(self, image: torch.Tensor, output_size: Sequence[int]) -> torch.Tensor:
+        """One image (3, h, w) -> label map (H, W) at ``output_size`` (ms+flip with ``test_augmentation=ms_flip``)."""
+        infer = self.infer_ms_flip if self.test_augmentation == "ms_flip" else self.infer
+        return infer(image[None], output_size)[0].argmax(dim=0)
+
+    def _evaluate(
+        self, batch: dict[str, list], metrics: SegmentationMetrics, ms_flip_metrics: SegmentationMetrics
+    ) -> list[torch.Tensor]:
+        """Updates the metrics; returns each image's single-pass (H, W) label map for callbacks (``swinlab.plots``)."""
+        label_maps = []
+        for image, mask in zip(batch["image"], batch["mask"]):
+            labels = self.infer(image[None], mask.shape).argmax(dim=1)
+            metrics.update(labels, mask[None])
+            label_maps.append(labels[0])
+            if self.test_augmentation == "ms_flip":
+                ms_flip_metrics.update(self.infer_ms_flip(image[None], mask.shape).argmax(dim=1), mask[None])
         return label_maps
 
-    def _log_metrics(self, metrics: SegmentationMetrics, prefix: str) -> None:
-        results = metrics.compute()
+    def _log_metrics(self, metrics: SegmentationMetrics, ms_flip_metrics: SegmentationMetrics, prefix: str) -> None:
+        results = {f"{prefix}/{name}": value for name, value in metrics.compute().items()}
         metrics.reset()
-        self.log_dict({f"{prefix}/{name}": value for name, value in results.items()}, prog_bar=True)
+        if self.test_augmentation == "ms_flip":
+            results |= {f"{prefix}/{name}_ms_flip": value for name, value in ms_flip_metrics.compute().items()}
+            ms_flip_metrics.reset()
+        self.log_dict(results, prog_bar=True)
 
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> list[torch.Tensor]:
-        return self._evaluate(batch, self.val_metrics)
+        return self._evaluate(batch, self.val_metrics, self.val_metrics_ms_flip)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
+        self._log_metrics(self.val_metrics, self.val_metrics_ms_flip, "val")
 
     def test_step(self, batch: dict[str, list], batch_idx: int) -> list[torch.Tensor]:
-        return self._evaluate(batch, self.test_metrics)
+        return self._evaluate(batch, self.test_metrics, self.test_metrics_ms_flip)
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
+        self._log_metrics(self.test_metrics, self.test_metrics_ms_flip, "test")
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
         """Per image: ``name``, ``labels`` (H, W) int64 at the original size, ``raw_image`` uint8 (3, H, W)."""
