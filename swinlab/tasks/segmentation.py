@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 # One definition each: the data pipeline's size check and the heads' bilinear resize (still private there).
-from swinlab.data.segmentation_transforms import _pair
+from swinlab.data.segmentation_transforms import to_pair
 from swinlab.models.upernet import FCNHead, UperNetHead, _resize
 from swinlab.prediction import SegmentationPredictionWriter
 from swinlab.tasks.base import SwinTask
@@ -92,7 +92,7 @@ class SegmentationTask(SwinTask):
             raise ValueError(f"inference_mode must be 'whole' or 'slide', got {inference_mode!r}")
         if not test_scales or min(test_scales) <= 0:
             raise ValueError(f"test_scales must be positive factors, got {test_scales!r}")
-        crop_size, stride = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+        crop_size, stride = to_pair(crop_size, "crop_size"), to_pair(stride, "stride")
         super().__init__(backbone, backbone_kwargs, pretrained, num_classes, optimizer, lr_scheduler, layer_decay)
         self.crop_size, self.stride = crop_size, stride
         self.inference_mode, self.test_scales, self.test_flip = inference_mode, tuple(test_scales), test_flip
