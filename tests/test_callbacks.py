@@ -11,14 +11,17 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, model_checkpoint
+from torch.utils.data import DataLoader, TensorDataset
 
-from swinlab.callbacks import NonFiniteLossError, NonFiniteLossGuard
+from swinlab.callbacks import NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint
 from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.cli import main
 from swinlab.data import FashionMNISTDataModule
@@ -212,3 +215,139 @@ def test_atomic_save_keeps_the_previous_checkpoint_when_interrupted(tmp_path, mo
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"], "the partial file is removed"
+
+
+class SendAtStep(Callback):
+    """Sends ``signum`` to this process once, at the end of optimizer step ``step`` (in-process runs)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def grey_batches(count: int = 12) -> DataLoader:
+    images = torch.rand(count, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(images, torch.arange(count) % 10), batch_size=2)
+
+
+@pytest.mark.parametrize("array", [False, True], ids=["job", "array-job"])
+def test_slurm_requeue_signal_saves_last_and_requeues_the_job(tmp_path, monkeypatch, array):
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0"}
+    slurm |= {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}
+    if array:
+        slurm |= {"SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "7"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    task = ClassificationTask(backbone_kwargs={**TINY_SWIN, "in_chans": 1}, num_classes=10)
+    preemption = PreemptionCheckpoint()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        plugins=[SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)],
+        callbacks=[preemption, SendAtStep(2, signal.SIGUSR1), ModelCheckpoint(dirpath=tmp_path, save_top_k=0)],
+    )
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            trainer.fit(task, grey_batches())
+    finally:  # Lightning skips the callbacks' teardown on this exit, so the handler would outlive the test
+        signal.signal(signal.SIGUSR1, previous)
+    assert stopped.value.code in (0, None)
+    assert preemption.requeue
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2 and saved["epoch"] == 0, "saved after the batch the signal arrived in"
+    assert commands == [["scontrol", "requeue", "4200_7" if array else "4242"]]
+
+
+def test_sigterm_without_slurm_saves_last_and_does_not_requeue(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: pytest.fail("no requeue outside SLURM"))
+    task = ClassificationTask(backbone_kwargs={**TINY_SWIN, "in_chans": 1}, num_classes=10)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[PreemptionCheckpoint(), SendAtStep(3, signal.SIGTERM)],
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+    )
+    with pytest.raises(SystemExit):
+        trainer.fit(task, grey_batches())
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3
+
+
+@pytest.mark.parametrize("seconds_per_call", [0.0, 20.0], ids=["clock-stopped", "clock-running"])
+def test_checkpoint_every_minutes_refreshes_last_mid_epoch(data_dir, tmp_path, monkeypatch, seconds_per_call):
+    """``--checkpoint_every_minutes=1``: once a minute has passed (a fake monotonic clock) last.ckpt is saved
+    after the current batch, inside the epoch; with the clock stopped only the end-of-epoch save happens."""
+    clock = iter(range(10**6))
+    fake_time = SimpleNamespace(monotonic=lambda: seconds_per_call * next(clock))
+    monkeypatch.setattr(model_checkpoint, "time", fake_time)
+    saves = []
+    original_save = AtomicCheckpointIO.save_checkpoint
+
+    def recording_save(self, checkpoint, path, storage_options=None):
+        saves.append((Path(path).name, checkpoint["global_step"]))
+        original_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
+    args = [arg for arg in run_args(data_dir, TINY_SWIN, tmp_path) if not arg.startswith("--checkpoint_every_n_steps")]
+    args = [arg.replace("max_epochs=2", "max_epochs=1") for arg in args] + ["--checkpoint_every_minutes=1"]
+    main(args)
+
+    last_saves = [step for name, step in saves if name == "last.ckpt"]
+    mid_epoch = [step for step in last_saves if 0 < step < STEPS_PER_EPOCH]
+    assert last_saves[-1] == STEPS_PER_EPOCH
+    if seconds_per_call:
+        assert len(mid_epoch) >= 2 and mid_epoch == sorted(set(mid_epoch)), last_saves
+    else:
+        assert mid_epoch == [], last_saves
+
+
+class NaNGradientAt(ClassificationTask):
+    """A finite loss whose gradient of one weight is NaN at the given optimizer steps."""
+
+    def __init__(self, nan_steps: set[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nan_steps = nan_steps
+
+    def on_after_backward(self) -> None:
+        if self.global_step in self.nan_steps:
+            self.backbone.head.weight.grad[0, 0] = float("nan")
+
+
+def test_a_finite_loss_with_a_nan_gradient_skips_its_step(tmp_path):
+    task = NaNGradientAt({1}, backbone_kwargs={**TINY_SWIN, "in_chans": 1}, num_classes=10)
+    guard, weights = NonFiniteLossGuard(max_consecutive=3), WeightsAfterEachBatch()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[guard, weights],
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match=r"non-finite gradients at epoch 0, step 1: optimizer step skipped"):
+        trainer.fit(task, grey_batches())
+    assert guard.skipped == 1 and guard.consecutive == 0  # step 2 was finite again
+    assert len(weights.weights) == 3
+    assert torch.equal(weights.weights[0], weights.weights[1]), "the skipped step left every weight as it was"
+    assert not torch.equal(weights.weights[1], weights.weights[2]), "the next step trained"
+    assert torch.isfinite(weights.weights[2]).all()

@@ -1,9 +1,11 @@
 import csv
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader, TensorDataset
 
 from swinlab.data import FashionMNISTDataModule, ImageNetDataModule
 from swinlab.models import create_model
@@ -57,17 +59,86 @@ def test_no_weight_decay_on_norms_biases_and_position_tables(tiny_swin):
             assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
 
 
-def test_mixup_cutmix_and_ema(tiny_swin, fashion_mnist_dir):
-    task = grey_task(tiny_swin, mixup_alpha=0.8, cutmix_alpha=1.0, ema_decay=0.5)
+class BatchRecorder(Callback):
+    """Keeps a copy of each training batch as the data loader gave it (timm's Mixup mixes it in place)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append((batch[0].clone(), batch[1].clone()))
+
+
+def two_image_loader() -> DataLoader:
+    """One batch of two distinct random grey 32x32 images with labels 3 and 7."""
+    images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(images, torch.tensor([3, 7])), batch_size=2)
+
+
+def smoothed(label: int, smoothing: float, num_classes: int = 10) -> torch.Tensor:
+    """timm's smoothed one-hot target: 1 - s + s / C on the label, s / C elsewhere."""
+    return torch.full((num_classes,), smoothing / num_classes).index_fill_(
+        0, torch.tensor(label), 1 - smoothing + smoothing / num_classes
+    )
+
+
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mixup_and_cutmix_mix_images_and_targets(tiny_swin, mode):
+    alphas = {"mixup_alpha": 0.8} if mode == "mixup" else {"cutmix_alpha": 1.0}
+    task = grey_task(tiny_swin, label_smoothing=0.1, mixup_prob=1.0, **alphas)
+    seen = []  # (images, targets) that reached the loss
+    task.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    task.train_loss.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+    recorder = BatchRecorder()
+    np.random.seed(0)  # timm draws lambda (and the CutMix box) from numpy's global generator
+    Trainer(max_steps=1, limit_val_batches=0, callbacks=[recorder], **TRAINER).fit(task, two_image_loader())
+
+    (raw, labels), (mixed, targets) = recorder.batches[0], seen
+    a, b = raw
+    if mode == "mixup":
+        # mixed[0] = lam * a + (1 - lam) * b: solve for lam by least squares, then every pixel must fit.
+        lam = float(((mixed[0] - b) * (a - b)).sum() / ((a - b) ** 2).sum())
+        torch.testing.assert_close(mixed[0], lam * a + (1 - lam) * b)
+    else:
+        # CutMix pastes a box of b into a: each pixel comes from one image, lam is the share left from a.
+        from_a, from_b = mixed[0] == a, mixed[0] == b
+        assert bool((from_a | from_b).all())
+        lam = float(from_a.float().mean())
+        torch.testing.assert_close(mixed[0], torch.where(from_a, a, b))
+    torch.testing.assert_close(
+        mixed[1], torch.where(mixed[0] == a, b, a) if mode == "cutmix" else lam * b + (1 - lam) * a
+    )
+    assert 0.01 < lam < 0.99, "the batch was mixed"
+    expected = torch.stack(
+        [lam * smoothed(3, 0.1) + (1 - lam) * smoothed(7, 0.1), lam * smoothed(7, 0.1) + (1 - lam) * smoothed(3, 0.1)]
+    )
+    assert labels.tolist() == [3, 7]
+    torch.testing.assert_close(targets, expected)
+
+
+def test_ema_is_updated_and_used_for_validation(tiny_swin):
+    task = grey_task(tiny_swin, ema_decay=0.5)
     start = {k: v.clone() for k, v in task.ema.module.state_dict().items()}
-    trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, **TRAINER)
-    trainer.fit(task, datamodule=fashion(fashion_mnist_dir))
+    trainer = Trainer(max_steps=3, limit_val_batches=0, **TRAINER)
+    loader = DataLoader(TensorDataset(torch.rand(6, 1, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])), batch_size=2)
+    trainer.fit(task, loader)
     assert task.eval_network is task.ema.module
     assert not any(p.requires_grad for p in task.ema.parameters())
     ema, trained = task.ema.module.state_dict(), task.backbone.state_dict()
     key = "head.weight"
     assert not torch.equal(ema[key], start[key]) and not torch.equal(ema[key], trained[key])
-    assert "val/top1" in trainer.callback_metrics
+
+    logits = []
+    task.eval_loss.register_forward_pre_hook(lambda module, args: logits.append(args[0].clone()))
+    images, labels = torch.rand(4, 1, 32, 32), torch.tensor([1, 3, 5, 7])
+    (metrics,) = Trainer(**TRAINER).validate(
+        task, DataLoader(TensorDataset(images, labels), batch_size=4), verbose=False
+    )
+    with torch.no_grad():
+        averaged, raw = task.ema.module.eval()(images), task.backbone.eval()(images)
+    torch.testing.assert_close(logits[0], averaged)
+    assert not torch.allclose(logits[0], raw, atol=1e-4)
+    assert metrics["val/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(averaged, labels)), rel=1e-5)
 
 
 def test_mixup_needs_an_even_batch(tiny_swin, fashion_mnist_dir):
@@ -96,11 +167,51 @@ def test_predict_writes_top5_csv(tiny_swin, fashion_mnist_dir, predict_folder, t
     assert set(rows[1][1::2]) <= set(dm.class_names)
 
 
+def official_resize(state: dict, key: str, new_side: int) -> torch.Tensor:
+    """The official Swin ``load_pretrained`` (microsoft/Swin-Transformer utils.py): a relative-position-bias
+    table (L1, nH) or an absolute position embedding (1, L1, C) resized on its square grid by bicubic."""
+    value = state[key]
+    if key.endswith("relative_position_bias_table"):
+        old, heads = round(value.shape[0] ** 0.5), value.shape[1]
+        grid = value.permute(1, 0).view(1, heads, old, old)
+        resized = torch.nn.functional.interpolate(grid, size=(new_side, new_side), mode="bicubic")
+        return resized.view(heads, new_side * new_side).permute(1, 0)
+    grid = value.permute(0, 3, 1, 2)  # swinlab keeps the embedding as (1, H, W, C)
+    return torch.nn.functional.interpolate(grid, size=(new_side, new_side), mode="bicubic").permute(0, 2, 3, 1)
+
+
 def test_finetune_at_a_new_resolution_from_a_checkpoint(tiny_swin, image_folder, tmp_path):
-    source = create_model("swin_t", num_classes=1000, **tiny_swin)
-    torch.save({"model": source.state_dict()}, tmp_path / "tiny_224.pth")
-    bigger = {**tiny_swin, "img_size": 64, "window_size": 8}
-    task = ClassificationTask(backbone_kwargs=bigger, pretrained=str(tmp_path / "tiny_224.pth"), num_classes=3)
-    assert torch.equal(task.backbone.patch_embed.proj.weight, source.patch_embed.proj.weight)
+    # 32 px / window 4 -> 64 px / window 8: the tables grow from 7x7 to 15x15, the embedding from 16x16 to 32x32.
+    small = {**tiny_swin, "position_bias": "relative+absolute"}
+    torch.manual_seed(0)
+    source = create_model("swin_t", num_classes=1000, **small).state_dict()
+    torch.save({"model": source}, tmp_path / "tiny_32.pth")
+    bigger = {**small, "img_size": 64, "window_size": 8}
+    task = ClassificationTask(backbone_kwargs=bigger, pretrained=str(tmp_path / "tiny_32.pth"), num_classes=3)
+
+    reference = create_model("swin_t", num_classes=3, **bigger)
+    expected = reference.state_dict()  # buffers (position index, attention masks) as built for the new size
+    tables = [key for key in source if key.endswith("relative_position_bias_table")]
+    assert tables and expected[tables[0]].shape == (15 * 15, 1)
+    for key, value in source.items():
+        if key in tables:
+            expected[key] = official_resize(source, key, 15)
+        elif key == "absolute_pos_embed":
+            expected[key] = official_resize(source, key, 32)
+        elif not key.startswith("head.") and value.is_floating_point():
+            expected[key] = value
+    expected["head.weight"], expected["head.bias"] = task.backbone.head.weight, task.backbone.head.bias  # new head
+    reference.load_state_dict(expected)
+    loaded = task.backbone.state_dict()
+    for key in (*tables, "absolute_pos_embed"):
+        torch.testing.assert_close(loaded[key], expected[key], msg=key)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(task.backbone.eval()(images), reference.eval()(images))
+
     dm = ImageNetDataModule(data_dir=str(image_folder), image_size=64, batch_size=2, num_workers=0)
-    Trainer(fast_dev_run=True, **TRAINER).fit(task, datamodule=dm)
+    trainer = Trainer(fast_dev_run=True, **TRAINER)
+    trainer.fit(task, datamodule=dm)
+    assert trainer.state.finished and trainer.global_step == 1
+    assert {"train/loss", "val/loss", "val/top1"} <= set(trainer.callback_metrics)
+    assert not torch.equal(task.backbone.layers[0].blocks[0].attn.relative_position_bias_table, expected[tables[0]])

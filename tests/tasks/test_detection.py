@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -24,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "detection").glob("*.yaml"))
 SIZE = 64
 TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}
+# COCOeval.stats[0:6]: AP, AP50, AP75, AP small, AP medium, AP large.
+COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 TINY_HEADS = {"fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 16, "min_size": SIZE, "max_size": SIZE}
 
 
@@ -70,17 +74,67 @@ def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_fits_and_validates(config: Path, shapes_root: Path, tmp_path: Path) -> None:
-    main(["fit", "--config", str(config), *tiny_overrides(shapes_root, tmp_path), "--trainer.fast_dev_run=1"])
+    cli = main(["fit", "--config", str(config), *tiny_overrides(shapes_root, tmp_path), "--trainer.fast_dev_run=1"])
+    trainer = cli.trainer
+    assert trainer.state.finished and trainer.global_step == 1
+    assert trainer.optimizers[0].state, "one optimizer step was taken"
+    logged = trainer.callback_metrics
+    assert torch.isfinite(logged["train/loss"]) and "train/loss_rpn_box_reg" in logged
+    kinds = ("box", "mask") if cli.model.hparams.masks else ("box",)
+    assert {f"val/{kind}_{key}" for kind in kinds for key in COCO_KEYS} <= set(logged)
 
 
-def test_validate_logs_box_and_mask_ap(shapes_root: Path, tmp_path: Path) -> None:
+def coco_results(predictions: list[dict], category_ids: list[int]) -> list[dict]:
+    """Detections in the COCO results format: xywh boxes, dataset category ids, RLE masks."""
+    results = []
+    for prediction in predictions:
+        for box, label, score, mask in zip(
+            prediction["boxes"].tolist(), prediction["labels"], prediction["scores"], prediction["masks"]
+        ):
+            rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+            results.append(
+                {
+                    "image_id": prediction["image_id"],
+                    "category_id": category_ids[int(label)],
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "score": float(score),
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                }
+            )
+    return results
+
+
+def test_validate_logs_box_and_mask_ap(shapes_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``validate`` through the CLI logs, under each val/{box,mask}_* key, the value COCOeval gives for the same
+    detections (the detector's output is replaced by noisy ground truth, so the AP is far from 0 and 1)."""
+    dm = COCODataModule(str(shapes_root), num_workers=0, batch_size=2)
+    dm.setup("validate")
+    rng = np.random.default_rng(0)
+    served = [fake_predictions(targets, dm.num_classes, rng) for _, targets in dm.val_dataloader()]
+    batches = iter(served)
+
+    def detections(self: DetectionTask, images: list[torch.Tensor]) -> list[dict]:
+        predictions = next(batches)
+        assert [p["masks"].shape[-2:] for p in predictions] == [image.shape[-2:] for image in images]
+        return predictions
+
+    monkeypatch.setattr(DetectionTask, "forward", detections)
     config = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
     main(["validate", "--config", str(config), *tiny_overrides(shapes_root, tmp_path)])
+    assert next(batches, None) is None, "every served batch was scored"
     (metrics_file,) = tmp_path.rglob("metrics.csv")
     row = next(csv.DictReader(metrics_file.open()))
-    for kind in ("box", "mask"):
-        for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large"):
-            assert -1.0 <= float(row[f"val/{kind}_{key}"]) <= 1.0
+
+    gt = COCO(str(dm.annotation_file("val2017")))
+    results = gt.loadRes(coco_results([p for batch in served for p in batch], dm.category_ids))
+    for iou_type, kind in (("bbox", "box"), ("segm", "mask")):
+        evaluation = COCOeval(gt, results, iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        for index, key in enumerate(COCO_KEYS):
+            assert float(row[f"val/{kind}_{key}"]) == pytest.approx(evaluation.stats[index], abs=1e-4), (kind, key)
+    assert 0.05 < float(row["val/box_map_50"]) < 1.0 and 0.05 < float(row["val/mask_map"]) < 1.0
 
 
 def hf_copy_of(coco_root: Path, out: Path) -> None:
@@ -152,12 +206,41 @@ def test_fpn_gives_five_levels_with_the_strides_of_the_paper() -> None:
 
 
 def test_layer_decay_scales_only_the_swin_body() -> None:
-    task = DetectionTask(num_classes=2, backbone_kwargs=TINY_BACKBONE, layer_decay=0.5, **TINY_HEADS)
-    scale_of = {name: group["lr_scale"] for group in task.parameter_groups() for name in group["names"]}
-    assert scale_of["detector.backbone.fpn.inner_blocks.0.0.weight"] == 1.0
-    assert scale_of["detector.roi_heads.box_head.fc6.weight"] == 1.0
-    body = [scale for name, scale in scale_of.items() if name.startswith("detector.backbone.body.")]
-    assert min(body) < max(body) <= 1.0
+    """lr x decay ** (L - id) on the Swin body (BEiT/SimMIM numbering: patch embedding 0, block k of all stages k + 1,
+    patch merging with the first block of the stage it opens, stage norms top), full lr outside it."""
+    backbone = {**TINY_BACKBONE, "depths": [1, 2, 1, 1]}  # two blocks in a stage: ids count blocks, not stages
+    task = DetectionTask(
+        num_classes=2,
+        backbone_kwargs=backbone,
+        layer_decay=0.5,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        **TINY_HEADS,
+    )
+    top = 1 + 5  # sum(depths) + 1
+    layer_of_prefix = {
+        "patch_embed.": 0,
+        "layers.0.blocks.0.": 1,
+        "layers.1.downsample.": 2,
+        "layers.1.blocks.0.": 2,
+        "layers.1.blocks.1.": 3,
+        "layers.2.downsample.": 4,
+        "layers.2.blocks.0.": 4,
+        "layers.3.downsample.": 5,
+        "layers.3.blocks.0.": 5,
+        "norm": top,
+    }
+    names = {id(param): name for name, param in task.named_parameters()}
+    optimizer = task.configure_optimizers()
+    lr_of = {names[id(param)]: group["lr"] for group in optimizer.param_groups for param in group["params"]}
+    assert set(lr_of) == set(names.values())
+    body = "detector.backbone.body."
+    assert any(not name.startswith(body) for name in lr_of)
+    for name, lr in lr_of.items():
+        if not name.startswith(body):  # FPN, RPN and RoI heads
+            assert lr == pytest.approx(1e-3), name
+            continue
+        (layer,) = [layer for prefix, layer in layer_of_prefix.items() if name[len(body) :].startswith(prefix)]
+        assert lr == pytest.approx(1e-3 * 0.5 ** (top - layer)), name
 
 
 def fake_predictions(targets: list[dict], num_classes: int, rng: np.random.Generator) -> list[dict]:
@@ -209,13 +292,12 @@ def test_metrics_match_pycocotools_on_the_written_results(shapes_root: Path, tmp
 
     gt = COCO(str(dm.annotation_file("val2017")))
     detections = gt.loadRes(str(tmp_path / "results.json"))
-    keys = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
     for iou_type, prefix in (("bbox", "bbox_"), ("segm", "segm_")):
         evaluation = COCOeval(gt, detections, iou_type)
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-        for index, key in enumerate(keys):
+        for index, key in enumerate(COCO_KEYS):
             assert float(ours[prefix + key]) == pytest.approx(evaluation.stats[index], abs=1e-4), (iou_type, key)
     assert 0.05 < float(ours["bbox_map_50"]) < 1.0, "the noisy predictions give a non-trivial AP"
     drawn = sorted((tmp_path / "images").glob("*.png"))

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
@@ -80,22 +81,54 @@ def test_slide_windows_cover_every_pixel_once_averaged(monkeypatch: pytest.Monke
 
 
 def test_multi_scale_flip_scores_at_output_size() -> None:
-    task = tiny_task(test_scales=(0.75, 1.0, 1.5), test_flip=True).eval()
+    """Softmax scores averaged over every scale and its mirror (flipped back), each resized to the output size."""
+    scales, output_size = (0.75, 1.0, 1.5), (83, 117)
+    task = tiny_task(test_scales=scales, test_flip=True).eval()
     with torch.no_grad():
-        scores = task.infer(torch.randn(1, 3, 40, 56), output_size=(83, 117))
+        task.decode_head.classifier.weight.mul_(1000)  # confident logits: an untrained head gives ~uniform scores
+    images = torch.randn(1, 3, 40, 56)
+
+    def bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        scores = task.infer(images, output_size=output_size)
+        passes = []
+        for scale in scales:
+            # mmseg's rescale: round half up.
+            scaled = bilinear(images, (int(40 * scale + 0.5), int(56 * scale + 0.5)))
+            passes.append(bilinear(task(scaled), output_size).softmax(dim=1))
+            passes.append(bilinear(torch.flip(task(torch.flip(scaled, [3])), [3]), output_size).softmax(dim=1))
+        expected = torch.stack(passes).mean(dim=0)
+        single = bilinear(task(images), output_size).softmax(dim=1)
     assert scores.shape == (1, 4, 83, 117)
-    assert torch.allclose(scores.sum(dim=1), torch.ones(1, 83, 117), atol=1e-5)
+    torch.testing.assert_close(scores, expected)
+    assert (scores - single).abs().max() > 0.1, "the scales and flips change the scores"
 
 
 def test_training_step_trains_both_heads() -> None:
-    task = tiny_task()
-    masks = torch.randint(0, 4, (2, 32, 32))
+    """Decode and auxiliary heads both get gradients; the auxiliary gradient is ``aux_loss_weight`` times its loss's."""
+    masks = torch.randint(0, 4, (2, 32, 32), generator=torch.Generator().manual_seed(1))
     masks[:, :4] = 255
-    loss = task.training_step({"image": torch.randn(2, 3, 32, 32), "mask": masks}, 0)
-    loss.backward()
-    assert torch.isfinite(loss)
-    assert task.aux_head.classifier.weight.grad.abs().sum() > 0
-    assert task.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+    batch = {"image": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)), "mask": masks}
+    grads = {}
+    for weight in (0.4, 0.8):
+        task = tiny_task(aux_loss_weight=weight)  # same initial weights (seeded)
+        torch.manual_seed(3)  # same dropout and stochastic depth
+        loss = task.training_step(batch, 0)
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads[weight] = {
+            "decode": task.decode_head.classifier.weight.grad.clone(),
+            "aux": task.aux_head.classifier.weight.grad.clone(),
+            "backbone": task.backbone.patch_embed.proj.weight.grad.clone(),
+        }
+    for name in ("decode", "aux", "backbone"):
+        assert grads[0.4][name].abs().sum() > 0, name
+    # The decode head never sees the auxiliary loss; the auxiliary head sees only it, scaled by its weight.
+    torch.testing.assert_close(grads[0.8]["decode"], grads[0.4]["decode"])
+    torch.testing.assert_close(grads[0.8]["aux"], 2 * grads[0.4]["aux"])
+    assert not torch.allclose(grads[0.8]["backbone"], grads[0.4]["backbone"])
 
 
 def test_training_batch_of_one_image_is_a_clear_error() -> None:
@@ -155,8 +188,16 @@ data:
 def test_cli_fit_and_validate_every_config(config: Path, tiny_shapes: Path, tmp_path: Path) -> None:
     override = _override(tmp_path, tiny_shapes)
     common = ["--config", str(config), "--config", str(override), "--trainer.fast_dev_run=1"]
-    main(["fit", *common])
-    main(["validate", *common, "--model.init_args.inference_mode=slide"])
+    fit = main(["fit", *common])
+    assert fit.trainer.state.finished and fit.trainer.global_step == 1
+    assert fit.trainer.optimizers[0].state, "one optimizer step was taken"
+    logged = fit.trainer.callback_metrics
+    assert {"train/loss", "train/decode_loss", "val/mIoU", "val/mAcc", "val/aAcc"} <= set(logged)
+    assert torch.isfinite(logged["train/loss"])
+    validate = main(["validate", *common, "--model.init_args.inference_mode=slide"])
+    assert validate.trainer.state.finished and validate.model.inference_mode == "slide"
+    scores = validate.trainer.callback_metrics
+    assert all(0.0 <= float(scores[f"val/{key}"]) <= 1.0 for key in ("mIoU", "mAcc", "aAcc"))
 
 
 def test_cli_predict_writes_label_maps_and_overlays_into_the_run_folder(tiny_shapes: Path, tmp_path: Path) -> None:
