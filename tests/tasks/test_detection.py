@@ -206,8 +206,8 @@ def test_fpn_gives_five_levels_with_the_strides_of_the_paper() -> None:
 
 
 def test_layer_decay_scales_only_the_swin_body() -> None:
-    """lr x decay ** (L - id) on the Swin body (BEiT/SimMIM numbering: patch embedding 0, block k of all stages k + 1,
-    patch merging with the first block of the stage it opens, stage norms top), full lr outside it."""
+    """lr x decay ** (L - id) on the Swin body, full lr outside it. Official numbering: patch embedding 0, block k of
+    all stages k + 1, patch merging with the last block of the stage before it, stage norms top."""
     backbone = {**TINY_BACKBONE, "depths": [1, 2, 1, 1]}  # two blocks in a stage: ids count blocks, not stages
     task = DetectionTask(
         num_classes=2,
@@ -220,12 +220,12 @@ def test_layer_decay_scales_only_the_swin_body() -> None:
     layer_of_prefix = {
         "patch_embed.": 0,
         "layers.0.blocks.0.": 1,
-        "layers.1.downsample.": 2,
+        "layers.1.downsample.": 1,
         "layers.1.blocks.0.": 2,
         "layers.1.blocks.1.": 3,
-        "layers.2.downsample.": 4,
+        "layers.2.downsample.": 3,
         "layers.2.blocks.0.": 4,
-        "layers.3.downsample.": 5,
+        "layers.3.downsample.": 4,
         "layers.3.blocks.0.": 5,
         "norm": top,
     }
