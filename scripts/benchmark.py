@@ -17,10 +17,12 @@ not silently reused). Parameters and optimizer state that exist before the step 
 CPU inference fast paths (``--impls``, infer mode, fp32 runs on the CPU only; elsewhere they are skipped):
 ``onnx-fp32``, ``onnx-int8-static``, ``onnx-int8-dynamic`` (swinlab's model exported by ``swinlab.export``
 and run by onnxruntime with as many threads as torch; static INT8 is calibrated on two random images, which sets
-its speed, not a usable accuracy) and ``swinlab-bf16`` (swinlab under bf16 autocast).
+its speed, not a usable accuracy), ``onnx-opt-fp32``, ``onnx-opt-int8`` (dynamic) and ``onnx-opt-int8-static``
+(the same after onnxruntime's transformer optimizer, ``export --optimize``) and ``swinlab-bf16`` (swinlab under
+bf16 autocast).
 
-    python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 2 \\
-        --impls timm swinlab onnx-fp32 onnx-int8-static onnx-int8-dynamic swinlab-bf16
+    python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 1 \\
+        --impls timm swinlab onnx-fp32 onnx-int8-dynamic onnx-opt-fp32 onnx-opt-int8 swinlab-bf16
 
 Prints a table with the ratios of every implementation over timm and torchvision (the headline) and writes every
 measurement to ``--json``.
@@ -51,13 +53,20 @@ import torch
 import torchvision
 from torch import nn
 
-from swinlab.export import OnnxModel, export_onnx, quantize_int8
+from swinlab.export import OnnxModel, export_onnx, optimize_graph, quantize_int8
 from swinlab.models import create_model
 from swinlab.models.swin import ATTENTION_CHOICES
 
 PEERS = ("timm", "torchvision")
 # CPU inference only: exported/quantized swinlab models under onnxruntime, and swinlab under bf16 autocast.
-ONNX_IMPLEMENTATIONS = ("onnx-fp32", "onnx-int8-static", "onnx-int8-dynamic")
+ONNX_IMPLEMENTATIONS = (
+    "onnx-fp32",
+    "onnx-int8-static",
+    "onnx-int8-dynamic",
+    "onnx-opt-fp32",
+    "onnx-opt-int8",
+    "onnx-opt-int8-static",
+)
 FAST_PATHS = (*ONNX_IMPLEMENTATIONS, "swinlab-bf16")
 IMPLEMENTATIONS = ("swinlab", *PEERS, *FAST_PATHS)
 # size -> (swinlab name, timm name, torchvision builder, the paper's stochastic-depth rate)
@@ -110,19 +119,23 @@ _EXPORT_DIR: tempfile.TemporaryDirectory | None = None
 
 @lru_cache
 def onnx_model_path(impl: str, size: str, num_classes: int, image_size: int) -> str:
-    """swinlab's model exported (and quantized) for ``impl``, once per process, in a folder removed at exit."""
+    """swinlab's model exported (optimized, quantized) for ``impl``, once per process, in a folder removed at exit."""
     global _EXPORT_DIR
     _EXPORT_DIR = _EXPORT_DIR or tempfile.TemporaryDirectory(prefix="swinlab-benchmark-")
-    torch.manual_seed(0)
-    model = build_model("swinlab", size, num_classes, image_size).eval()
     fp32 = Path(_EXPORT_DIR.name) / f"{size}_{num_classes}_{image_size}_fp32.onnx"
     if not fp32.exists():
-        export_onnx(model, fp32, (3, image_size, image_size))
-    if impl == "onnx-fp32":
+        torch.manual_seed(0)
+        export_onnx(build_model("swinlab", size, num_classes, image_size).eval(), fp32, (3, image_size, image_size))
+    if impl.startswith("onnx-opt-"):
+        optimized = fp32.with_name(fp32.name.replace("fp32", "opt-fp32"))
+        if not optimized.exists():
+            optimize_graph(fp32, optimized)
+        fp32 = optimized
+    if impl in ("onnx-fp32", "onnx-opt-fp32"):
         return str(fp32)
     path = fp32.with_name(fp32.name.replace("fp32", impl))
     calibration = None
-    if impl == "onnx-int8-static":
+    if impl.endswith("-static"):
         rng = np.random.default_rng(0)
         calibration = [rng.standard_normal((1, 3, image_size, image_size), np.float32) for _ in range(2)]
     quantize_int8(fp32, path, calibration)
@@ -298,7 +311,7 @@ def format_table(results: list[Result]) -> str:
     """One row per measurement; ``vs timm`` / ``vs tv`` are the row's images/s over the peer's (same precision,
     compile, batch and mode), on every row but the peers' own."""
     header = (
-        f"{'model':8} {'impl':17} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
+        f"{'model':8} {'impl':20} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
         f"{'peak MiB':>9} {'vs timm':>8} {'vs tv':>7}"
     )
     lines = [header, "-" * len(header)]
@@ -313,7 +326,7 @@ def format_table(results: list[Result]) -> str:
             )
         memory = f"{r.peak_memory_mb:9.0f}" if r.peak_memory_mb is not None else f"{'-':>9}"
         lines.append(
-            f"{r.model:8} {r.impl:17} {r.mode:6} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
+            f"{r.model:8} {r.impl:20} {r.mode:6} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
             f"{r.images_per_s:9.2f} {memory} {ratios}"
         )
     return "\n".join(lines)
