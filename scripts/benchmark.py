@@ -17,10 +17,15 @@ not silently reused). Parameters and optimizer state that exist before the step 
 CPU inference fast paths (``--impls``, infer mode, fp32 runs on the CPU only; elsewhere they are skipped):
 ``onnx-fp32``, ``onnx-int8-static``, ``onnx-int8-dynamic`` (swinlab's model exported by ``swinlab.export``
 and run by onnxruntime with as many threads as torch; static INT8 is calibrated on two random images, which sets
-its speed, not a usable accuracy) and ``swinlab-bf16`` (swinlab under bf16 autocast).
+its speed, not a usable accuracy), ``onnx-opt-fp32``, ``onnx-opt-int8`` (dynamic) and ``onnx-opt-int8-static``
+(the same after onnxruntime's transformer optimizer, ``export --optimize``) and ``swinlab-bf16`` (swinlab under
+bf16 autocast).
 
-    python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 2 \\
-        --impls timm swinlab onnx-fp32 onnx-int8-static onnx-int8-dynamic swinlab-bf16
+    python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 1 --clock thread \\
+        --impls timm swinlab onnx-fp32 onnx-int8-dynamic onnx-opt-fp32 onnx-opt-int8 swinlab-bf16
+
+``--clock thread`` (CPU, one thread) times each step by the CPU time of the calling thread, where torch and
+onnxruntime then do all their work, so time the core spends on other processes is not counted.
 
 Prints a table with the ratios of every implementation over timm and torchvision (the headline) and writes every
 measurement to ``--json``.
@@ -51,13 +56,20 @@ import torch
 import torchvision
 from torch import nn
 
-from swinlab.export import OnnxModel, export_onnx, quantize_int8
+from swinlab.export import OnnxModel, export_onnx, optimize_graph, quantize_int8
 from swinlab.models import create_model
 from swinlab.models.swin import ATTENTION_CHOICES
 
 PEERS = ("timm", "torchvision")
 # CPU inference only: exported/quantized swinlab models under onnxruntime, and swinlab under bf16 autocast.
-ONNX_IMPLEMENTATIONS = ("onnx-fp32", "onnx-int8-static", "onnx-int8-dynamic")
+ONNX_IMPLEMENTATIONS = (
+    "onnx-fp32",
+    "onnx-int8-static",
+    "onnx-int8-dynamic",
+    "onnx-opt-fp32",
+    "onnx-opt-int8",
+    "onnx-opt-int8-static",
+)
 FAST_PATHS = (*ONNX_IMPLEMENTATIONS, "swinlab-bf16")
 IMPLEMENTATIONS = ("swinlab", *PEERS, *FAST_PATHS)
 # size -> (swinlab name, timm name, torchvision builder, the paper's stochastic-depth rate)
@@ -67,6 +79,9 @@ MODELS = {
     "b": ("swin_b", "swin_base_patch4_window7_224", torchvision.models.swin_b, 0.5),
 }
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+# wall: elapsed time. thread: CPU time of the calling thread, which with one thread (torch's and onnxruntime's
+# work both run on it) leaves out the time other processes take the core: steadier on a shared machine.
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 class Result(NamedTuple):
@@ -110,19 +125,23 @@ _EXPORT_DIR: tempfile.TemporaryDirectory | None = None
 
 @lru_cache
 def onnx_model_path(impl: str, size: str, num_classes: int, image_size: int) -> str:
-    """swinlab's model exported (and quantized) for ``impl``, once per process, in a folder removed at exit."""
+    """swinlab's model exported (optimized, quantized) for ``impl``, once per process, in a folder removed at exit."""
     global _EXPORT_DIR
     _EXPORT_DIR = _EXPORT_DIR or tempfile.TemporaryDirectory(prefix="swinlab-benchmark-")
-    torch.manual_seed(0)
-    model = build_model("swinlab", size, num_classes, image_size).eval()
     fp32 = Path(_EXPORT_DIR.name) / f"{size}_{num_classes}_{image_size}_fp32.onnx"
     if not fp32.exists():
-        export_onnx(model, fp32, (3, image_size, image_size))
-    if impl == "onnx-fp32":
+        torch.manual_seed(0)
+        export_onnx(build_model("swinlab", size, num_classes, image_size).eval(), fp32, (3, image_size, image_size))
+    if impl.startswith("onnx-opt-"):
+        optimized = fp32.with_name(fp32.name.replace("fp32", "opt-fp32"))
+        if not optimized.exists():
+            optimize_graph(fp32, optimized)
+        fp32 = optimized
+    if impl in ("onnx-fp32", "onnx-opt-fp32"):
         return str(fp32)
     path = fp32.with_name(fp32.name.replace("fp32", impl))
     calibration = None
-    if impl == "onnx-int8-static":
+    if impl.endswith("-static"):
         rng = np.random.default_rng(0)
         calibration = [rng.standard_normal((1, 3, image_size, image_size), np.float32) for _ in range(2)]
     quantize_int8(fp32, path, calibration)
@@ -237,6 +256,7 @@ def benchmark_config(
     measure_memory: bool,
     image_size: int = 224,
     swinlab_attention: str = "auto",
+    clock: Callable[[], float] = time.perf_counter,
 ) -> list[Result]:
     """Times every implementation on the same batch, in alternation; returns one Result per implementation.
 
@@ -267,10 +287,10 @@ def benchmark_config(
     for _ in range(repeats):
         for impl in impls:
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             steps[impl]()
             synchronize(device)
-            times[impl].append(time.perf_counter() - start)
+            times[impl].append(clock() - start)
     for impl in impls:
         memory[impl] = peak_memory_mb(steps[impl], device) if measure_memory else None
     results = []
@@ -298,7 +318,7 @@ def format_table(results: list[Result]) -> str:
     """One row per measurement; ``vs timm`` / ``vs tv`` are the row's images/s over the peer's (same precision,
     compile, batch and mode), on every row but the peers' own."""
     header = (
-        f"{'model':8} {'impl':17} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
+        f"{'model':8} {'impl':20} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
         f"{'peak MiB':>9} {'vs timm':>8} {'vs tv':>7}"
     )
     lines = [header, "-" * len(header)]
@@ -313,7 +333,7 @@ def format_table(results: list[Result]) -> str:
             )
         memory = f"{r.peak_memory_mb:9.0f}" if r.peak_memory_mb is not None else f"{'-':>9}"
         lines.append(
-            f"{r.model:8} {r.impl:17} {r.mode:6} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
+            f"{r.model:8} {r.impl:20} {r.mode:6} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
             f"{r.images_per_s:9.2f} {memory} {ratios}"
         )
     return "\n".join(lines)
@@ -363,6 +383,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="swinlab's window-attention kernel (auto: what swinlab picks for the device and mode)",
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for this run (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; thread: CPU time of this thread (CPU, --threads 1 only; for a loaded machine)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the extra step that measures peak memory")
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"), help="where to write all results")
     args = parser.parse_args(argv)
@@ -374,6 +400,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--image-size must be a multiple of 32 (the total stride of Swin), got {args.image_size}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.clock == "thread" and (args.device != "cpu" or args.threads != 1):
+        parser.error("--clock thread counts only this thread's CPU time: use it with --device cpu --threads 1")
     return args
 
 
@@ -406,6 +434,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                             not args.no_memory,
                             args.image_size,
                             args.swinlab_attention,
+                            CLOCKS[args.clock],
                         )
                         for row in rows:
                             print(
@@ -425,6 +454,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "tf32": device.type == "cuda" and not args.no_tf32,
         "swinlab_attention": args.swinlab_attention,
+        "clock": args.clock,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """ONNX export of a trained classification or segmentation task, optionally INT8, for CPU inference.
 
-    python -m swinlab export --config CONFIG [--ckpt_path CKPT] --output model.onnx [--quantize int8] [--evaluate]
+    python -m swinlab export --config CONFIG [--ckpt_path CKPT] --output model.onnx [--optimize] [--quantize int8]
+        [--int8_method auto|static|dynamic] [--evaluate]
 
 The config is parsed exactly as ``fit`` parses it (same parser, overrides and ``${...}`` interpolation), but only
 the task is built: the data module is constructed (never set up) only to learn ``num_classes`` when no checkpoint
@@ -8,9 +9,14 @@ gives it, and read only for ``--quantize int8`` calibration and ``--evaluate``. 
 exported model is dynamic; height and width are fixed at export (``--input_size``, default the backbone's
 ``img_size``) because the shifted-window layout and its masks are computed from the map size in Python.
 
-``--quantize int8``: static QDQ quantization (``onnxruntime.quantization.quantize_static``) calibrated on
-``--calibration_images`` training images when the config's data exists, otherwise dynamic quantization of the
-weights (``quantize_dynamic``).
+``--optimize``: onnxruntime's transformer graph optimizer (``optimize_model(model_type="swin")``: constant folding,
+bias + GELU fusion, ...) rewrites the fp32 graph before it is checked against PyTorch and, with ``--quantize``,
+quantized.
+
+``--quantize int8``: ``--int8_method static`` is QDQ quantization (``onnxruntime.quantization.quantize_static``)
+calibrated on ``--calibration_images`` training images, ``dynamic`` quantizes the weights only
+(``quantize_dynamic``, activation ranges measured per batch at run time); ``auto`` (default) is static when the
+config's data exists, dynamic otherwise.
 """
 
 from __future__ import annotations
@@ -47,7 +53,21 @@ class ExportCLI(SwinLabCLI):
             "--quantize",
             type=Literal["int8"] | None,
             default=None,
-            help="int8: static QDQ calibrated on training images if the config's data exists, else dynamic",
+            help="int8: quantize the fp32 graph (see --int8_method)",
+        )
+        parser.add_argument(
+            "--int8_method",
+            type=Literal["auto", "static", "dynamic"],
+            default="auto",
+            help="static: QDQ calibrated on training images; dynamic: int8 weights, activation ranges at run time; "
+            "auto: static if the config's data exists, else dynamic",
+        )
+        parser.add_argument(
+            "--optimize",
+            action=ActionYesNo,
+            default=False,
+            help="run onnxruntime's transformer graph optimizer (model_type swin) on the fp32 graph before checking "
+            "and quantizing it",
         )
         parser.add_argument(
             "--calibration_images", type=int, default=300, help="training images for static INT8 calibration"
@@ -199,6 +219,18 @@ def export_onnx(network: nn.Module, path: str | Path, input_shape: tuple[int, in
     )
 
 
+def optimize_graph(fp32_path: str | Path, output: str | Path) -> dict[str, int]:
+    """Write ``fp32_path`` rewritten by onnxruntime's transformer optimizer for Swin (fp32, CPU operators);
+    returns how many of each fused operator it made."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # num_heads/hidden_size 0: read from the graph (they differ between Swin stages anyway).
+    optimized = optimize_model(str(fp32_path), model_type="swin", num_heads=0, hidden_size=0, use_gpu=False)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    optimized.save_model_to_file(str(output))
+    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+
+
 class OnnxModel:
     """An onnxruntime CPU session; (B, C, H, W) float32 images -> the model's output, as numpy arrays."""
 
@@ -334,11 +366,19 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     if config.evaluate and datamodule is None:
         raise ValueError(f"--evaluate needs the config's test data: {data_missing}")
 
+    if config.quantize and config.int8_method == "static" and datamodule is None:
+        raise ValueError(f"--int8_method static needs the config's training images for calibration: {data_missing}")
+
     output = Path(config.output)
     report: dict[str, Any] = {"output": str(output), "input_shape": input_shape}
     with tempfile.TemporaryDirectory() as tmp:
-        fp32_path = Path(tmp) / "fp32.onnx" if config.quantize else output
-        export_onnx(network, fp32_path, input_shape)
+        exported = Path(tmp) / "exported.onnx" if config.quantize or config.optimize else output
+        export_onnx(network, exported, input_shape)
+        fp32_path = exported
+        if config.optimize:
+            fp32_path = Path(tmp) / "optimized.onnx" if config.quantize else output
+            report["fused_operators"] = optimize_graph(exported, fp32_path)
+            print(f"onnxruntime transformer optimizer fused: {report['fused_operators'] or 'nothing'}")
         fp32 = OnnxModel(fp32_path)
         torch.manual_seed(0)
         report["fp32_max_abs_diff"] = max(
@@ -350,9 +390,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             print(f"fp32 ONNX test top-1: {100 * report['fp32_top1']:.2f}%")
         if config.quantize:
             calibration = None
-            if datamodule is None:
+            if config.int8_method == "auto" and datamodule is None:
                 print(f"no calibration data ({data_missing}): dynamic INT8 quantization")
-            else:
+            elif config.int8_method != "dynamic":
                 calibration = calibration_batches(datamodule, config.calibration_images, input_shape)
             report["quantization"] = quantize_int8(fp32_path, output, calibration)
             print(f"INT8 ({report['quantization']}) model written")

@@ -121,6 +121,39 @@ def test_dynamic_int8_without_data(tiny_swin, classifier_checkpoint, tmp_path, c
     assert np.abs(OnnxModel(output)(images) - expected).max() < 0.1 * np.abs(expected).max()
 
 
+def test_optimized_fp32_matches_pytorch_and_its_int8_keeps_top1(
+    tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path
+):
+    task, ckpt = classifier_checkpoint
+    fp32_out, int8_out = tmp_path / "opt.onnx", tmp_path / "opt_int8.onnx"
+    common = (f"--ckpt_path={ckpt}", "--optimize", "--evaluate")
+    fp32_report = main(classification_args(tiny_swin, fashion_mnist_dir, *common, f"--output={fp32_out}"))
+    # The optimizer rewrote the graph: each block's fc1 bias + GELU became one fused operator.
+    assert fp32_report["fused_operators"]["BiasGelu"] == sum(tiny_swin["depths"])
+    assert "BiasGelu" in op_types(fp32_out) and "Gelu" not in op_types(fp32_out)
+    torch.manual_seed(0)
+    for batch in (1, 3):
+        images = torch.randn(batch, 1, 32, 32)
+        with torch.no_grad():
+            expected = task.backbone(images).numpy()
+        np.testing.assert_allclose(OnnxModel(fp32_out)(images), expected, atol=1e-4, rtol=0)
+
+    int8_args = (*common, f"--output={int8_out}", "--quantize=int8", "--int8_method=dynamic")
+    int8_report = main(classification_args(tiny_swin, fashion_mnist_dir, *int8_args))
+    assert int8_report["quantization"] == "dynamic"
+    assert {"DynamicQuantizeLinear", "BiasGelu"} <= op_types(int8_out)
+    assert int8_report["fp32_top1"] == pytest.approx(fp32_report["fp32_top1"])
+    # 20 test images: at most one changes its predicted class.
+    assert abs(int8_report["int8_top1"] - int8_report["fp32_top1"]) <= 0.05 + 1e-9
+
+
+def test_static_int8_method_needs_data(tiny_swin, classifier_checkpoint, tmp_path):
+    _, ckpt = classifier_checkpoint
+    extra = (f"--ckpt_path={ckpt}", f"--output={tmp_path / 'x.onnx'}", "--quantize=int8", "--int8_method=static")
+    with pytest.raises(ValueError, match="--int8_method static needs the config's training images"):
+        main(classification_args(tiny_swin, tmp_path / "no-data", *extra))
+
+
 def test_segmentation_export_matches_pytorch(tmp_path):
     output = tmp_path / "seg.onnx"
     backbone = json.dumps({"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4})

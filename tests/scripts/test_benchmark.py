@@ -57,16 +57,19 @@ def test_model_benchmark_writes_every_implementation_and_mode(tmp_path: Path, ca
 
 def test_cpu_fast_paths_are_timed_against_timm(tmp_path: Path, capsys, restore_threads) -> None:
     out = tmp_path / "bench.json"
-    fast_paths = ["onnx-fp32", "onnx-int8-static", "onnx-int8-dynamic", "swinlab-bf16"]
+    fast_paths = ["onnx-fp32", "onnx-int8-static", "onnx-int8-dynamic", "onnx-opt-fp32", "onnx-opt-int8"]
+    fast_paths += ["onnx-opt-int8-static", "swinlab-bf16"]
     args = ["--sizes", "t", "--batch-sizes", "2", "--modes", "infer", "train", "--warmup", "0", "--repeats", "1"]
     args += ["--image-size", "64", "--num-classes", "10", "--threads", "1", "--no-memory", "--json", str(out)]
-    load_script("benchmark").main([*args, "--impls", "timm", *fast_paths])
-    rows = {(r["impl"], r["mode"]): r for r in json.loads(out.read_text())["results"]}
+    load_script("benchmark").main([*args, "--clock", "thread", "--impls", "timm", *fast_paths])
+    report = json.loads(out.read_text())
+    assert report["meta"]["clock"] == "thread"
+    rows = {(r["impl"], r["mode"]): r for r in report["results"]}
     # Inference only: training rows exist for timm alone.
     assert set(rows) == {("timm", "infer"), ("timm", "train")} | {(impl, "infer") for impl in fast_paths}
     assert all(row["images_per_s"] > 0 for row in rows.values())
     output = capsys.readouterr().out
-    assert "skipped ['onnx-fp32', 'onnx-int8-static', 'onnx-int8-dynamic', 'swinlab-bf16']" in output
+    assert f"skipped {fast_paths}" in output
     table = output[output.index("vs timm") :]
     table_rows = [line.split() for line in table.splitlines() if line.startswith("swin_t") and "infer" in line]
     ratios = {row[1]: float(row[-1].rstrip("x")) for row in table_rows if row[1] in fast_paths}
@@ -75,9 +78,13 @@ def test_cpu_fast_paths_are_timed_against_timm(tmp_path: Path, capsys, restore_t
     assert set(ratios) == set(fast_paths) and ratios == pytest.approx(expected, abs=0.006)
 
 
-def test_model_benchmark_rejects_bad_arguments() -> None:
+def test_model_benchmark_rejects_bad_arguments(capsys) -> None:
     with pytest.raises(SystemExit):
         load_script("benchmark").main(["--repeats", "0"])
+    # Thread CPU time misses the work of other threads.
+    with pytest.raises(SystemExit):
+        load_script("benchmark").main(["--clock", "thread", "--threads", "2"])
+    assert "use it with --device cpu --threads 1" in capsys.readouterr().err
 
 
 def test_loader_benchmark_on_generated_imagenet_folder(tmp_path: Path) -> None:
