@@ -11,8 +11,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-# One definition each: the data pipeline's size check and the heads' bilinear resize (still private there).
-from swinlab.data.segmentation_transforms import _pair
+from swinlab.data.bad_samples import READ_ERROR_KEY
+from swinlab.data.segmentation_transforms import to_pair
+
+# One definition: the heads' bilinear resize (still private there).
 from swinlab.models.upernet import FCNHead, UperNetHead, _resize
 from swinlab.prediction import SegmentationPredictionWriter
 from swinlab.tasks.base import SwinTask
@@ -92,7 +94,7 @@ class SegmentationTask(SwinTask):
             raise ValueError(f"inference_mode must be 'whole' or 'slide', got {inference_mode!r}")
         if not test_scales or min(test_scales) <= 0:
             raise ValueError(f"test_scales must be positive factors, got {test_scales!r}")
-        crop_size, stride = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+        crop_size, stride = to_pair(crop_size, "crop_size"), to_pair(stride, "stride")
         super().__init__(backbone, backbone_kwargs, pretrained, num_classes, optimizer, lr_scheduler, layer_decay)
         self.crop_size, self.stride = crop_size, stride
         self.inference_mode, self.test_scales, self.test_flip = inference_mode, tuple(test_scales), test_flip
@@ -216,10 +218,13 @@ class SegmentationTask(SwinTask):
         self._log_metrics(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
-        """Per image: ``name``, ``labels`` (H, W) int64 at the original size, ``raw_image`` uint8 (3, H, W)."""
+        """Per image: ``name``, ``labels`` (H, W) int64 at the original size, ``raw_image`` uint8 (3, H, W); an image
+        whose ``error`` is set (unreadable file, placeholder pixels) is not predicted: ``{"name", "error"}``."""
         return [
-            {"name": name, "labels": self._predict_labels(image, raw.shape[-2:]).cpu(), "raw_image": raw.cpu()}
-            for name, image, raw in zip(batch["name"], batch["image"], batch["raw_image"])
+            {"name": name, "error": error}
+            if error
+            else {"name": name, "labels": self._predict_labels(image, raw.shape[-2:]).cpu(), "raw_image": raw.cpu()}
+            for name, image, raw, error in zip(batch["name"], batch["image"], batch["raw_image"], batch[READ_ERROR_KEY])
         ]
 
     def configure_callbacks(self) -> list[Callback]:
