@@ -19,6 +19,7 @@ import swinlab.tasks
 from swinlab.callbacks import NonFiniteLossGuard, PreemptionCheckpoint, ResumePosition
 from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.config_compose import expand_command_line
+from swinlab.data.bad_samples import BadSampleReport
 from swinlab.plots import EvaluationPictures, TrainingCurves
 from swinlab.tasks.base import batch_size
 from swinlab.validation import (
@@ -130,7 +131,7 @@ class SwinLabCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         resume_checkpoints = self._resume_checkpoint()
-        extra = [ResumePosition(), PreemptionCheckpoint(), *resume_checkpoints, *self._observers()]
+        extra = [ResumePosition(), PreemptionCheckpoint(), BadSampleReport(), *resume_checkpoints, *self._observers()]
         kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", trainer_init.get("callbacks"))), *extra]
         trainer = super().instantiate_trainer(**kwargs)
         # ``trainer.checkpoint_callback`` (what ``best`` and ``test_after_fit`` use) is the first ModelCheckpoint:

@@ -31,12 +31,23 @@ def output_path(trainer: Trainer, path: str | Path) -> Path:
     return path if path.is_absolute() else Path(trainer.default_root_dir) / path
 
 
-class ClassificationPredictionWriter(BasePredictionWriter):
-    """Writes one CSV row per predicted image: ``file, class_1, prob_1, ..., class_k, prob_k`` (top-k, best first).
+def gather_rows(trainer: Trainer, rows: list) -> list:
+    """Every rank's ``rows`` in one list (rank order), on every rank; ``rows`` itself outside DDP."""
+    if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
+        gathered: list[list] = [[] for _ in range(trainer.world_size)]
+        dist.all_gather_object(gathered, rows)
+        return [row for part in gathered for row in part]
+    return rows
 
-    ``predict_step`` must return ``{"files": list[str], "probs": (B, k), "indices": (B, k)}``; class names come from
-    the data module's ``class_names``. Under DDP every rank holds a part of the files; rank 0 gathers them and
-    writes one file, sorted by file name. A relative ``output_file`` is placed in ``trainer.default_root_dir``.
+
+class ClassificationPredictionWriter(BasePredictionWriter):
+    """Writes one CSV row per image: ``file, class_1, prob_1, ..., class_k, prob_k, error`` (top-k, best first).
+
+    ``predict_step`` must return ``{"files": list[str], "probs": (n, k), "indices": (n, k), "failed": [(file,
+    reason), ...]}``; a failed file (one that could not be read) gets a row with empty classes and the reason in
+    ``error``, which is empty for every other row. Class names come from the data module's ``class_names``. Under DDP
+    every rank holds a part of the files; rank 0 gathers them and writes one file, sorted by file name. A relative
+    ``output_file`` is placed in ``trainer.default_root_dir``.
     """
 
     def __init__(self, output_file: str = "predictions.csv") -> None:
@@ -47,29 +58,28 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         self, trainer: Trainer, pl_module: LightningModule, predictions: Any, batch_indices: Any
     ) -> None:
         class_names = getattr(trainer.datamodule, "class_names", None)
+        top_k = max((batch["probs"].shape[-1] for batch in predictions), default=0)
         rows = []
         for batch in predictions:
             for file, probs, indices in zip(batch["files"], batch["probs"].tolist(), batch["indices"].tolist()):
                 row: list[Any] = [file]
                 for prob, index in zip(probs, indices):
                     row += [class_names[index] if class_names else index, f"{prob:.6f}"]
-                rows.append(row)
-        if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            gathered: list[list] = [[] for _ in range(trainer.world_size)]
-            dist.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
+                rows.append([*row, ""])
+            rows += [[file, *[""] * (2 * top_k), reason] for file, reason in batch["failed"]]
+        rows = gather_rows(trainer, rows)
         if not trainer.is_global_zero:
             return
         rows.sort(key=lambda row: row[0])
         path = output_path(trainer, self.output_file)
         path.parent.mkdir(parents=True, exist_ok=True)
-        top_k = (len(rows[0]) - 1) // 2 if rows else 0
         header = ["file"] + [f"{kind}_{rank}" for rank in range(1, top_k + 1) for kind in ("class", "prob")]
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(header)
+            writer.writerow([*header, "error"])
             writer.writerows(rows)
-        rank_zero_info(f"Wrote {len(rows)} predictions to {path}")
+        failed = sum(1 for row in rows if row[-1])
+        rank_zero_info(f"Wrote {len(rows)} predictions to {path}" + (f" ({failed} failed)" if failed else ""))
 
 
 class DetectionPredictionWriter(BasePredictionWriter):
@@ -199,10 +209,12 @@ def label_palette(num_classes: int) -> np.ndarray:
 class SegmentationPredictionWriter(BasePredictionWriter):
     """Writes, for every predicted image, ``<output_dir>/labels/<stem>.png`` (the label map, 8-bit, class
     index + ``label_offset``; 1 gives ADE20K's annotation numbering) and ``<output_dir>/overlays/<stem>.png``
-    (the image blended with the class colours, ``alpha`` = colour weight). A relative ``output_dir`` is placed
-    in ``trainer.default_root_dir``.
+    (the image blended with the class colours, ``alpha`` = colour weight), and ``<output_dir>/failed.csv``
+    (``file, error``: the images that could not be read, header only when none). A relative ``output_dir`` is
+    placed in ``trainer.default_root_dir``.
 
-    ``predict_step`` must return, per image, ``{"name", "labels": (H, W) int64, "raw_image": (3, H, W) uint8}``.
+    ``predict_step`` must return, per image, ``{"name", "labels": (H, W) int64, "raw_image": (3, H, W) uint8}``, or
+    ``{"name", "error"}`` for an image that could not be read.
     """
 
     def __init__(self, output_dir: str = "predictions", alpha: float = 0.5, label_offset: int = 0) -> None:
@@ -210,6 +222,10 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.output_dir, self.alpha, self.label_offset = output_dir, alpha, label_offset
+        self.failed: list[tuple[str, str]] = []
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.failed = []
 
     def write_on_batch_end(
         self,
@@ -232,9 +248,25 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         (folder / "labels").mkdir(parents=True, exist_ok=True)
         (folder / "overlays").mkdir(parents=True, exist_ok=True)
         for item in prediction:
+            if item.get("error"):
+                self.failed.append((item["name"], item["error"]))
+                continue
             labels = item["labels"].numpy()
             stem = Path(item["name"]).stem
             Image.fromarray((labels + self.label_offset).astype(np.uint8)).save(folder / "labels" / f"{stem}.png")
             image = item["raw_image"].permute(1, 2, 0).numpy().astype(np.float32)
             overlay = (1 - self.alpha) * image + self.alpha * palette[labels].astype(np.float32)
             Image.fromarray(overlay.round().astype(np.uint8)).save(folder / "overlays" / f"{stem}.png")
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        failed = sorted(gather_rows(trainer, self.failed))
+        if not trainer.is_global_zero:
+            return
+        path = output_path(trainer, self.output_dir) / "failed.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "error"])
+            writer.writerows(failed)
+        if failed:
+            rank_zero_info(f"{len(failed)} images could not be read, listed in {path}")

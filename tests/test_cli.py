@@ -107,7 +107,7 @@ def test_fit_then_test_and_predict_from_the_checkpoint_folder(tiny_swin, fashion
     main(predict)
     with open(tmp_path / "predictions.csv") as f:
         rows = list(csv.reader(f))
-    assert len(rows) == 4 and rows[1][0] == "img_0.JPEG" and len(rows[1]) == 11
+    assert len(rows) == 4 and rows[1][0] == "img_0.JPEG" and len(rows[1]) == 12 and rows[0][-1] == "error"
     # Where predictions go is a run-time option: the hyperparameters LightningCLI reads from a checkpoint file
     # (a path: ``last`` is resolved later) must not override it.
     elsewhere = tmp_path / "elsewhere.csv"
@@ -141,7 +141,8 @@ def test_ddp_fit_and_predict_on_two_cpu_processes(tiny_swin, fashion_mnist_dir, 
         "--trainer.devices=2",
         "--trainer.enable_progress_bar=false",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
+    # Two processes on two cores, importing this tree's swinlab (not an installed copy).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for args in (
         ["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"],
         ["predict", *common, "--ckpt_path=last", f"--data.init_args.predict_dir={predict_folder}"],

@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from swinlab.data.bad_samples import READ_ERROR_KEY
 from swinlab.prediction import ClassificationPredictionWriter
 from swinlab.tasks.base import SwinTask
 
@@ -183,12 +184,23 @@ class ClassificationTask(SwinTask):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, self.test_metrics, "test")
 
-    def predict_step(self, batch: tuple[torch.Tensor, list[str]], batch_idx: int) -> dict[str, Any]:
-        """``(images, files)`` -> ``{"files", "probs": (B, k), "indices": (B, k)}``, the top k = min(5, C) classes."""
-        images, files = batch
-        probs = self.eval_network(images).float().softmax(dim=-1)
-        top = probs.topk(min(5, self.num_classes), dim=-1)
-        return {"files": list(files), "probs": top.values.cpu(), "indices": top.indices.cpu()}
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """``{"image": (B, C, H, W), "file": [B], "error": [B]}`` -> ``{"files": [n], "probs": (n, k), "indices":
+        (n, k), "failed": [(file, reason), ...]}``: the top k = min(5, C) classes of the n readable images; an image
+        whose ``error`` is set (unreadable file, placeholder pixels) is not predicted, only listed in ``failed``."""
+        errors = batch[READ_ERROR_KEY]
+        readable = [row for row, error in enumerate(errors) if not error]
+        k = min(5, self.num_classes)
+        probs, indices = torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+        if readable:
+            top = self.eval_network(batch["image"][readable]).float().softmax(dim=-1).topk(k, dim=-1)
+            probs, indices = top.values.cpu(), top.indices.cpu()
+        return {
+            "files": [batch["file"][row] for row in readable],
+            "probs": probs,
+            "indices": indices,
+            "failed": [(file, error) for file, error in zip(batch["file"], errors) if error],
+        }
 
     def configure_callbacks(self) -> list[Callback]:
         return [ClassificationPredictionWriter(self.predictions_file)]

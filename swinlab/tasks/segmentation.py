@@ -12,6 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 # One definition each: the data pipeline's size check and the heads' bilinear resize (still private there).
+from swinlab.data.bad_samples import READ_ERROR_KEY
 from swinlab.data.segmentation_transforms import to_pair
 from swinlab.models.upernet import FCNHead, UperNetHead, _resize
 from swinlab.prediction import SegmentationPredictionWriter
@@ -284,10 +285,13 @@ class SegmentationTask(SwinTask):
         self._log_metrics(self.test_metrics, self.test_metrics_ms_flip, "test")
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
-        """Per image: ``name``, ``labels`` (H, W) int64 at the original size, ``raw_image`` uint8 (3, H, W)."""
+        """Per image: ``name``, ``labels`` (H, W) int64 at the original size, ``raw_image`` uint8 (3, H, W); an image
+        whose ``error`` is set (unreadable file, placeholder pixels) is not predicted: ``{"name", "error"}``."""
         return [
-            {"name": name, "labels": self._predict_labels(image, raw.shape[-2:]).cpu(), "raw_image": raw.cpu()}
-            for name, image, raw in zip(batch["name"], batch["image"], batch["raw_image"])
+            {"name": name, "error": error}
+            if error
+            else {"name": name, "labels": self._predict_labels(image, raw.shape[-2:]).cpu(), "raw_image": raw.cpu()}
+            for name, image, raw, error in zip(batch["name"], batch["image"], batch["raw_image"], batch[READ_ERROR_KEY])
         ]
 
     def configure_callbacks(self) -> list[Callback]:

@@ -160,11 +160,32 @@ def test_predict_writes_top5_csv(tiny_swin, fashion_mnist_dir, predict_folder, t
     Trainer(**TRAINER).predict(task, datamodule=dm)
     with open(tmp_path / "out" / "predictions.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["file"] + [f"{kind}_{k}" for k in range(1, 6) for kind in ("class", "prob")]
+    assert rows[0] == ["file"] + [f"{kind}_{k}" for k in range(1, 6) for kind in ("class", "prob")] + ["error"]
     assert [row[0] for row in rows[1:]] == ["img_0.JPEG", "img_1.JPEG", "more/img_0.JPEG"]
-    probs = [float(p) for p in rows[1][2::2]]
+    probs = [float(p) for p in rows[1][2:-1:2]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
-    assert set(rows[1][1::2]) <= set(dm.class_names)
+    assert set(rows[1][1:-1:2]) <= set(dm.class_names) and all(row[-1] == "" for row in rows[1:])
+
+
+def test_predict_marks_unreadable_files_failed_and_keeps_every_other_row_its_own(
+    tiny_swin, fashion_mnist_dir, predict_folder, tmp_path
+):
+    (predict_folder / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    task = grey_task(tiny_swin, predictions_file=str(tmp_path / "predictions.csv")).eval()
+    dm = fashion(fashion_mnist_dir, predict_dir=str(predict_folder), batch_size=2)
+    Trainer(**TRAINER).predict(task, datamodule=dm)
+    with open(tmp_path / "predictions.csv") as f:
+        rows = {row["file"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == ["broken.JPEG", "img_0.JPEG", "img_1.JPEG", "more/img_0.JPEG"]
+    broken = rows.pop("broken.JPEG")
+    assert "broken.JPEG" in broken["error"] and "unreadable image" in broken["error"] and broken["class_1"] == ""
+    # Every readable file's row is that file's own prediction: the same as predicting it alone.
+    dm.setup("predict")
+    samples = {sample["file"]: sample for sample in dm.predict_set}
+    with torch.no_grad():
+        for file, row in rows.items():
+            expected = task(samples[file]["image"][None]).softmax(-1)[0].max().item()
+            assert row["error"] == "" and float(row["prob_1"]) == pytest.approx(expected, abs=1e-5)
 
 
 def official_resize(state: dict, key: str, new_side: int) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import csv
 from functools import partial
 from pathlib import Path
 
@@ -211,6 +212,25 @@ def test_cli_predict_writes_label_maps_and_overlays_into_the_run_folder(tiny_sha
         overlay = Image.open(out / "overlays" / f"{split_image.stem}.png")
         assert labels.size == overlay.size == size
         assert labels.mode == "L" and np.asarray(labels).max() < 4 and overlay.mode == "RGB"
+
+
+def test_cli_predict_lists_unreadable_images_as_failed(tiny_shapes: Path, tmp_path: Path) -> None:
+    images = tmp_path / "to_predict"
+    images.mkdir()
+    for source in sorted((tiny_shapes / "images" / "validation").iterdir()):
+        (images / source.name).write_bytes(source.read_bytes())
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    override = _override(tmp_path, tiny_shapes)
+    config = REPO / "configs" / "segmentation" / "quickstart_shapes.yaml"
+    args = ["--data.init_args.eval_batch_size=3", f"--data.init_args.predict_dir={images}"]
+    main(["predict", "--config", str(config), "--config", str(override), *args])
+    out = tmp_path / "run" / "predictions"
+    readable = sorted(p.stem for p in images.iterdir() if p.name != "broken.jpg")
+    assert sorted(p.stem for p in (out / "labels").iterdir()) == readable
+    assert sorted(p.stem for p in (out / "overlays").iterdir()) == readable
+    with open(out / "failed.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["file"] == "broken.jpg" and "broken.jpg" in row["error"] and "unreadable image" in row["error"]
 
 
 class _StopAtStart(Callback):
