@@ -79,7 +79,13 @@ def test_every_classification_config_fits(config, tiny_swin, image_folder, fashi
             args += tiny_model_args(tiny_swin, img_size=64, window_size=8)
         else:
             args += ["--data.init_args.image_size=32", *tiny_model_args(tiny_swin)]
-    main(args)
+    cli = main(args)
+    # The run did what fit claims: finished, took its one optimizer step and evaluated (the last loop's loss and
+    # top-1 are logged: val/*, or test/* where the config tests after fitting).
+    trainer, stage = cli.trainer, "test" if cli.config.fit.test_after_fit else "val"
+    assert trainer.state.finished and trainer.global_step == 1
+    assert torch.isfinite(trainer.callback_metrics[f"{stage}/loss"])
+    assert 0.0 <= float(trainer.callback_metrics[f"{stage}/top1"]) <= 1.0
 
 
 def test_fit_then_test_and_predict_from_the_checkpoint_folder(tiny_swin, fashion_mnist_dir, predict_folder, tmp_path):
