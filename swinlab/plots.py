@@ -194,7 +194,8 @@ class EvaluationPictures(Callback):
         images, targets = batch
         for image, target, prediction in zip(images, targets, predictions):
             keep = prediction["scores"] >= self.score_threshold
-            sides = [(target, None), ({key: value[keep] for key, value in prediction.items()}, prediction["scores"])]
+            kept = {key: value[keep] for key, value in prediction.items() if torch.is_tensor(value)}  # not image_id
+            sides = [(target, None), (kept, prediction["scores"])]
             for objects, scores in sides:
                 drawn = _displayable(image)
                 if "masks" in objects and len(objects["masks"]):

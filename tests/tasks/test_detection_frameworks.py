@@ -90,7 +90,7 @@ def test_one_stage_frameworks_train_a_few_steps_in_the_task(
         [
             "fit",
             *tiny_run(shapes_root, tmp_path, f"--model.init_args.framework={framework}"),
-            "--model.init_args.fpn_channels=32",  # FCOS's head normalises with GroupNorm(32, channels)
+            "--model.init_args.fpn_channels=64",  # FCOS's GroupNorm(32, channels): 2 channels a group on 1x1 maps
             "--trainer.max_steps=3",
             "--trainer.max_epochs=-1",
             "--trainer.check_val_every_n_epoch=1",
