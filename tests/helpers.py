@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import os
 import re
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import torch
 from PIL import Image
+from safetensors.torch import save_file
+
+from swinlab.models.hub import WEIGHTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +66,24 @@ def official_layout(state: dict, config: str = "swin_tiny_patch4_window7_224") -
             key = f"layers.{int(match.group(1)) - 1}.downsample.{match.group(2)}"
         out[key.replace("head.fc.", "head.")] = value
     return {"model": out, "epoch": 299, "config": config}
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_hub_cache(cache: Path, repo_id: str, state: dict[str, torch.Tensor]) -> Path:
+    """``repo_id``'s ``model.safetensors`` in the Hub cache layout: blob named by its sha256, a snapshot link to it
+    and ``refs/main`` naming the snapshot; returns the snapshot path."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    staged = repo / "staged.safetensors"
+    staged.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(staged))
+    blob = repo / "blobs" / hashlib.sha256(staged.read_bytes()).hexdigest()
+    blob.parent.mkdir()
+    staged.rename(blob)
+    snapshot = repo / "snapshots" / HUB_COMMIT / WEIGHTS_FILE
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return snapshot

@@ -1,4 +1,3 @@
-import hashlib
 import os
 import subprocess
 import sys
@@ -7,46 +6,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from huggingface_hub import constants
-from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 
 from swinlab.models import create_model, load_pretrained
-from swinlab.models.hub import PUBLISHED, WEIGHTS_FILE, resolve_weights
-from tests.helpers import ROOT, TINY_SWIN
+from swinlab.models.hub import PUBLISHED, resolve_weights
+from tests.helpers import ROOT, TINY_SWIN, write_hub_cache
 
 REPO_ID = "timm/swin_tiny_patch4_window7_224.ms_in1k"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def write_hub_cache(cache: Path, repo_id: str, state: dict[str, torch.Tensor]) -> Path:
-    """``repo_id``'s ``model.safetensors`` in the Hub cache layout: blob named by its sha256, a snapshot link to it
-    and ``refs/main`` naming the snapshot; returns the snapshot path."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    staged = repo / "staged.safetensors"
-    staged.parent.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(staged))
-    blob = repo / "blobs" / hashlib.sha256(staged.read_bytes()).hexdigest()
-    blob.parent.mkdir()
-    staged.rename(blob)
-    snapshot = repo / "snapshots" / COMMIT / WEIGHTS_FILE
-    snapshot.parent.mkdir(parents=True)
-    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    return snapshot
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty Hub cache, offline. huggingface_hub reads the variables once, at import: patch its constants too."""
-    cache = tmp_path / "hub"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
 
 
 @pytest.fixture

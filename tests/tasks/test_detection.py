@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -20,7 +21,7 @@ from swinlab.cli import main
 from swinlab.data.coco import COCODataModule
 from swinlab.prediction import DetectionPredictionWriter
 from swinlab.tasks.detection import DetectionTask, SwinFPN
-from tests.helpers import load_script
+from tests.helpers import load_script, write_hub_cache
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "detection").glob("*.yaml"))
@@ -82,6 +83,33 @@ def test_every_config_fits_and_validates(config: Path, shapes_root: Path, tmp_pa
     assert torch.isfinite(logged["train/loss"]) and "train/loss_rpn_box_reg" in logged
     kinds = ("box", "mask") if cli.model.hparams.masks else ("box",)
     assert {f"val/{kind}_{key}" for kind in kinds for key in COCO_KEYS} <= set(logged)
+
+
+def test_recipe_trains_from_hub_weights_in_an_offline_cache(
+    shapes_root: Path, tmp_path: Path, offline_hub: Path
+) -> None:
+    """The Swin-T recipe names its weights (``pretrained: swin_tiny_patch4_window7_224``): offline, they resolve to the
+    timm copy in a pre-filled Hub cache, load into the backbone, and one training step moves them by at most ~lr."""
+    recipe = REPO / "configs" / "detection" / "mask_rcnn_swin_t_fpn_3x_coco.yaml"
+    assert (
+        "pretrained: swin_tiny_patch4_window7_224" in (recipe.parent / "mask_rcnn_swin_t_fpn_1x_coco.yaml").read_text()
+    )
+    torch.manual_seed(0)
+    shape = {k: tuple(v) if isinstance(v, list) else v for k, v in TINY_BACKBONE.items()}
+    published = timm.create_model("swin_tiny_patch4_window7_224", **shape)
+    write_hub_cache(offline_hub, "timm/swin_tiny_patch4_window7_224.ms_in1k", published.state_dict())
+
+    overrides = [o for o in tiny_overrides(shapes_root, tmp_path) if not o.startswith("--model.init_args.pretrained")]
+    cli = main(["fit", "--config", str(recipe), *overrides, "--trainer.fast_dev_run=1"])
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    lr = max(group.get("initial_lr", group["lr"]) for group in cli.trainer.optimizers[0].param_groups)
+    trained = cli.model.get_submodule(cli.model.backbone_path).state_dict()
+    checked = 0
+    for key, value in published.state_dict().items():
+        if key in trained and value.is_floating_point() and not key.startswith("head"):
+            assert (trained[key] - value).abs().max() <= 1.1 * lr, key
+            checked += 1
+    assert checked >= 20, f"only {checked} backbone tensors matched the cached weights"
 
 
 def coco_results(predictions: list[dict], category_ids: list[int]) -> list[dict]:
