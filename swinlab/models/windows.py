@@ -1,8 +1,8 @@
 """Window layouts: where each token of a (padded, shifted) map goes in the window grid, and which pairs are masked.
 
 :class:`~swinlab.models.swin.SwinStage` asks :class:`WindowLayouts` for the layout of its map; the blocks only
-gather, attend and scatter. Layouts depend on (map size, window, shift) alone, so each is built once and cached
-(docs/benchmarks.md has what that saves).
+gather, attend and scatter. Layouts depend on (map size, window, shift) and the model's ``padding`` alone, so each
+is built once and cached (docs/benchmarks.md has what that saves).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def window_layout(
     in the official code, labelled on the padded grid). Padding, where the map is no multiple of the window:
 
     - ``"official"``: pad, then shift; real tokens attend to the zero padding tokens (the official detection and
-      segmentation backbone, Swin-Transformer-Object-Detection ``SwinTransformerBlock``, and Hugging Face).
+      segmentation backbone, Swin-Transformer-Object-Detection ``SwinTransformerBlock``).
     - ``"timm"``: shift the unpadded map, then pad; zero padding tokens attended (timm's ``SwinTransformerBlock``).
     - ``"mask"``: pad, then shift, and keys that are padding are masked: a real token attends to real tokens only.
     """
@@ -132,8 +132,6 @@ class WindowLayouts(nn.Module):
         padding: Padding = "mask",
     ) -> None:
         super().__init__()
-        if padding not in PADDING_CHOICES:
-            raise ValueError(f"padding={padding!r} is not one of {PADDING_CHOICES}")
         self.feature_size = feature_size
         self.padding = padding
         self._cache: dict[tuple, WindowLayout] = {}

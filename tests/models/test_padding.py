@@ -170,3 +170,8 @@ def test_zero_padding_layout_reads_appended_token_and_masks_only_regions():
     assert torch.equal(official.mask[~padding_key], masked.mask[~padding_key])
     assert (masked.mask[padding_key] == -100).all() and (official.mask[padding_key] == 0).any()
     assert window_layout(H, W, 4, 0, padding="official").mask is None
+
+
+def test_unknown_padding_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"padding='zeros' is not one of \('official', 'timm', 'mask'\)"):
+        create_model("swin_t", padding="zeros")
