@@ -20,7 +20,8 @@ The grid file::
       - {model.init_args.backbone_kwargs.shift: false}
 
 Params, multiply-adds (``count_macs``, the paper's "FLOPs") and inference images/s are those of the task's
-``backbone`` at its ``img_size`` (blank for a task without one).
+``backbone`` (any: Swin, ``timm/...``, a user's) at the image size the run trained on (detection: its test size;
+blank for a task without a backbone).
 """
 
 from __future__ import annotations
@@ -105,13 +106,17 @@ def point_config(base_configs: Sequence[Path], overrides: dict[str, Any], seed: 
     return path
 
 
-def backbone_input_size(backbone: nn.Module) -> tuple[int, int, int] | None:
-    """(C, H, W) a Swin-like backbone was built for, from ``img_size`` and its patch embedding; None if unknown."""
-    img_size = getattr(backbone, "img_size", None)
-    proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
-    if img_size is None or not isinstance(proj, nn.Conv2d):
-        return None
-    return (proj.in_channels, *img_size)
+def backbone_input_size(task: nn.Module) -> tuple[int, ...] | None:
+    """(C, H, W) a task's backbone is counted and timed at, whatever the backbone (Swin, timm, a user's): the image
+    shape the task trained on, else its ``example_input_array`` (detection, which trains on lists of images of
+    their own sizes: one test-size image); None if the task has neither."""
+    shape = getattr(task, "train_image_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    example = getattr(task, "example_input_array", None)
+    while isinstance(example, (list, tuple)) and example:
+        example = example[0]
+    return tuple(example.shape[-3:]) if isinstance(example, torch.Tensor) else None
 
 
 @torch.inference_mode()
@@ -181,8 +186,9 @@ def run_fit(
         "wall_s": round(wall, 1),
         "epochs": trainer.current_epoch,
     }
-    backbone = getattr(cli.model, "backbone", None)
-    input_size = backbone_input_size(backbone) if backbone is not None else None
+    path = getattr(cli.model, "backbone_path", None)
+    backbone = cli.model.get_submodule(path) if path else None
+    input_size = backbone_input_size(cli.model) if backbone is not None else None
     if input_size is not None:
         row["params_m"] = sum(p.numel() for p in backbone.parameters()) / 1e6
         row["gmacs"] = count_macs(backbone, input_size) / 1e9

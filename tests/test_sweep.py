@@ -88,6 +88,32 @@ def test_sweep_runs_resumes_and_writes_its_table(tmp_path, fashion_mnist_dir, ti
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed3/result.json")} == stamps
 
 
+def test_timm_backbone_point_gets_params_macs_and_throughput(tmp_path, fashion_mnist_dir, tiny_swin):
+    """A timm backbone has no Swin img_size: it is counted and timed at the 1x32x32 images it trained on."""
+    from swinlab.models import create_model
+    from swinlab.models.flops import count_macs
+
+    timm_kwargs = {"in_chans": 1, "layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8], "stem_width": 8}
+    point = {
+        "model.init_args.backbone": "timm/resnet18",
+        "model.init_args.backbone_kwargs": None,
+        **{f"model.init_args.backbone_kwargs.{key}": value for key, value in timm_kwargs.items()},
+    }
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"seeds": [0], "points": [point]}))
+    out = tmp_path / "sweep"
+    fit_args = tiny_fit_args(fashion_mnist_dir, tiny_swin)[:-1]  # the point sets backbone_kwargs
+    assert sweep.main(["--config", str(QUICKSTART), "--grid", str(grid), "--out", str(out), *fit_args]) == 0
+
+    (row,) = read_results(out)
+    (result,) = (json.loads(path.read_text()) for path in out.glob("*/seed0/result.json"))
+    assert result["input_size"] == [1, 32, 32]
+    model = create_model("timm/resnet18", num_classes=10, **timm_kwargs)
+    assert result["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    assert result["gmacs"] == pytest.approx(count_macs(model, (1, 32, 32)) / 1e9)
+    assert all(float(row[column]) > 0 for column in ("params_m", "gmacs", "images_per_s"))  # the table's columns
+
+
 def test_failing_points_are_logged_recorded_and_the_others_still_run(tmp_path, fashion_mnist_dir, tiny_swin, caplog):
     """A point the CLI parser rejects (unknown option) and one swinlab's config check rejects (negative lr) come first;
     the sweep logs both, runs the last point, lists the two under "Failed runs" and returns 2 (its exit code)."""

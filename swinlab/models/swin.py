@@ -7,9 +7,11 @@ ablation is a constructor argument: ``window_size``, ``shift``, ``position_bias`
 ``position_bias="cpb"`` (with ``pretrained_window_size``), ``norm="res_post"``, ``merge_norm="after"``,
 ``qkv_bias="qv"``; ``swinv2_t/s/b/l`` turn all of them on.
 
-Any input size works: each block pads its map to the window grid and the attention mask keeps the padding
-out, so a real token only ever attends to real tokens of its own (shifted) window. How windows are laid out
-lives in :mod:`swinlab.models.windows`, how attention is executed in :mod:`swinlab.models.kernels`.
+Any input size works: each block pads its map to the window grid. ``padding`` says how: ``"official"`` (the
+default) pads before the cyclic shift and lets real tokens attend to the zero padding tokens, as the official
+detection/segmentation backbone; ``"timm"`` pads after the shift, as timm; ``"mask"`` masks the padding out, so a
+real token only ever attends to real tokens of its own (shifted) window. How windows are laid out lives in
+:mod:`swinlab.models.windows`, how attention is executed in :mod:`swinlab.models.kernels`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from torch.utils.checkpoint import checkpoint
 
 from swinlab.models.kernels import ATTENTION_CHOICES, AttentionKernel, WindowAttentionKernel, add_inplace_chunked
 from swinlab.models.registry import register_model
-from swinlab.models.windows import WindowLayout, WindowLayouts, log_spaced_offsets, relative_position_index
+from swinlab.models.windows import (
+    PADDING_CHOICES,
+    Padding,
+    WindowLayout,
+    WindowLayouts,
+    log_spaced_offsets,
+    relative_position_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +280,8 @@ class SwinBlock(nn.Module):
         """``window`` and ``layout`` (padding, shift, mask) are this map's effective ones (see :class:`SwinStage`)."""
         B, H, W, C = x.shape
         tokens = (x if self.post_norm else self.norm1(x)).view(B, H * W, C)
+        if layout.pads_with_zeros:  # padding slots read this appended zero token
+            tokens = F.pad(tokens, (0, 0, 0, 1))
         windows = tokens.index_select(1, layout.gather).view(-1, window * window, C)
         attended = self.attn(windows, window, layout.mask).view(B, -1, C).index_select(1, layout.scatter)
         attended = attended.view(B, H, W, C)
@@ -322,9 +333,12 @@ class SwinStage(nn.Module):
         name: str = "stage",
         feature_size: tuple[int, int] | None = None,
         merge_norm: MergeNorm = "before",
+        padding: Padding = "official",
         **block_kwargs,
     ) -> None:
-        """``block_kwargs`` go to every :class:`SwinBlock` (mlp_ratio, qkv_bias, relative_bias, similarity, ...)."""
+        """``padding``: how maps that are no multiple of the window are padded (see
+        :func:`~swinlab.models.windows.window_layout`). ``block_kwargs`` go to every :class:`SwinBlock`
+        (mlp_ratio, qkv_bias, relative_bias, similarity, ...)."""
         super().__init__()
         in_dim = dim // 2 if downsample else dim
         self.downsample = PatchMerging(in_dim, norm_after=merge_norm == "after") if downsample else nn.Identity()
@@ -345,7 +359,7 @@ class SwinStage(nn.Module):
         )
         self._warned_sizes: set[tuple[int, int]] = set()
         prebuilt = self.effective_window(*feature_size, log=False) if feature_size is not None else (0, 0)
-        self.layouts = WindowLayouts(feature_size, *prebuilt)
+        self.layouts = WindowLayouts(feature_size, *prebuilt, padding=padding)
 
     def effective_window(self, H: int, W: int, log: bool = True) -> tuple[int, int]:
         """(window, shift) for an H x W map; shift is the one of shifted blocks."""
@@ -380,7 +394,9 @@ class SwinTransformer(nn.Module):
     ``norm{i}`` and there is no final norm or head, as in the official detection/segmentation backbones;
     without it the model is the classifier (final ``norm``, global average pool, ``head``).
     ``attention`` picks the window-attention kernel (see :mod:`swinlab.models.kernels`); ``img_size`` is the size
-    whose window layouts are prebuilt (any other size works and gets its layouts on first use).
+    whose window layouts are prebuilt (any other size works and gets its layouts on first use). ``padding``
+    (``"official"``, ``"timm"`` or ``"mask"``) is how a map that is no multiple of the window is padded: see the
+    module docstring and docs/architecture.md.
     Variants with other blocks (Swin-MLP) override :meth:`make_stage`.
     """
 
@@ -409,6 +425,7 @@ class SwinTransformer(nn.Module):
         norm: NormPlacement = "pre",
         merge_norm: MergeNorm = "before",
         pretrained_window_size: int | Sequence[int] = 0,
+        padding: Padding = "official",
     ) -> None:
         super().__init__()
         validate_config(embed_dim, depths, num_heads, window_size, position_bias, patch_size, out_indices)
@@ -417,6 +434,7 @@ class SwinTransformer(nn.Module):
             similarity=(similarity, SIMILARITY_CHOICES),
             norm=(norm, NORM_CHOICES),
             merge_norm=(merge_norm, MERGE_NORM_CHOICES),
+            padding=(padding, PADDING_CHOICES),
         )
         if isinstance(pretrained_window_size, int):
             pretrained_window_size = (pretrained_window_size,) * len(depths)
@@ -439,6 +457,7 @@ class SwinTransformer(nn.Module):
         self.drop_rate, self.attn_drop_rate, self.position_bias = drop_rate, attn_drop_rate, position_bias
         self.clip_window_to_feature, self.attention = clip_window_to_feature, attention
         self.similarity, self.norm_placement, self.merge_norm = similarity, norm, merge_norm
+        self.padding = padding
         self.pretrained_window_size = tuple(pretrained_window_size)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
@@ -491,6 +510,7 @@ class SwinTransformer(nn.Module):
             name=f"stage {index}",
             feature_size=feature_size,
             merge_norm=self.merge_norm,
+            padding=self.padding,
             mlp_ratio=self.mlp_ratio,
             qkv_bias=self.qkv_bias,
             drop=self.drop_rate,

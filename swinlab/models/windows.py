@@ -1,16 +1,17 @@
 """Window layouts: where each token of a (padded, shifted) map goes in the window grid, and which pairs are masked.
 
 :class:`~swinlab.models.swin.SwinStage` asks :class:`WindowLayouts` for the layout of its map; the blocks only
-gather, attend and scatter. Layouts depend on (map size, window, shift) alone, so each is built once and cached
-(docs/benchmarks.md has what that saves).
+gather, attend and scatter. Layouts depend on (map size, window, shift) and the model's ``padding`` alone, so each
+is built once and cached (docs/benchmarks.md has what that saves).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The official code fills masked attention logits with -100, not -inf: a row that is masked everywhere
@@ -41,83 +42,122 @@ def relative_position_index(window: int, table_window: int) -> torch.Tensor:
     return relative[..., 0] * (2 * table_window - 1) + relative[..., 1]
 
 
-class WindowLayout(NamedTuple):
-    """How an H x W map is cut into (shifted) windows, precomputed once per (H, W, window, shift).
+Padding = Literal["official", "timm", "mask"]
+PADDING_CHOICES: tuple[str, ...] = ("official", "timm", "mask")
 
-    ``gather`` (nW * N,): for each window slot, the row-major index of its source token on the map
-    (padding slots point at token 0; the mask hides them). ``scatter`` (H * W,): the window slot of each
-    token. ``mask`` (nW, N, N) additive, or None where no pair needs masking. One ``index_select`` each
-    way replaces pad + roll + partition (and their reverses), which costs several copies.
+
+class WindowLayout(NamedTuple):
+    """How an H x W map is cut into (shifted) windows, precomputed once per (H, W, window, shift, padding).
+
+    ``gather`` (nW * N,): for each window slot, the row-major index of its source token on the map; padding slots
+    read row H * W, a zero token appended to the map when ``pads_with_zeros`` (else token 0, which the mask
+    hides). ``scatter`` (H * W,): the window slot of each token. ``mask`` (nW, N, N) additive, or None where no
+    pair needs masking. One ``index_select`` each way replaces pad + roll + partition (and their reverses), which
+    costs several copies.
     """
 
     gather: torch.Tensor
     scatter: torch.Tensor
     mask: torch.Tensor | None
+    pads_with_zeros: bool = False
 
 
-def window_layout(H: int, W: int, window: int, shift: int, device: torch.device | None = None) -> WindowLayout:
+def window_layout(
+    H: int,
+    W: int,
+    window: int,
+    shift: int,
+    device: torch.device | None = None,
+    padding: Padding = "mask",
+) -> WindowLayout:
     """Windows of an H x W map padded to the window grid and cyclically shifted by ``shift``, built on ``device``.
 
-    Two kinds of pairs are masked: tokens from different regions of a shifted window (the paper's SW-MSA
-    mask, regions as in the official code), and keys that are padding.
+    Pairs of tokens from different regions of a shifted window are masked (the paper's SW-MSA mask, regions as
+    in the official code, labelled on the padded grid). Padding, where the map is no multiple of the window:
+
+    - ``"official"``: pad, then shift; real tokens attend to the zero padding tokens (the official detection and
+      segmentation backbone, Swin-Transformer-Object-Detection ``SwinTransformerBlock``).
+    - ``"timm"``: shift the unpadded map, then pad; zero padding tokens attended (timm's ``SwinTransformerBlock``).
+    - ``"mask"``: pad, then shift, and keys that are padding are masked: a real token attends to real tokens only.
     """
+    if padding not in PADDING_CHOICES:
+        raise ValueError(f"padding={padding!r} is not one of {PADDING_CHOICES}")
     Hp, Wp = -(-H // window) * window, -(-W // window) * window
-    source = torch.full((Hp, Wp), -1, dtype=torch.long, device=device)
-    source[:H, :W] = torch.arange(H * W, device=device).view(H, W)
+    source = torch.arange(H * W, device=device).view(H, W)
+    if shift > 0 and padding == "timm":
+        source = torch.roll(source, shifts=(-shift, -shift), dims=(0, 1))
+    source = F.pad(source, (0, Wp - W, 0, Hp - H), value=-1)
     region = torch.zeros(Hp, Wp, dtype=torch.long, device=device)
     if shift > 0:
-        source = torch.roll(source, shifts=(-shift, -shift), dims=(0, 1))
+        if padding != "timm":
+            source = torch.roll(source, shifts=(-shift, -shift), dims=(0, 1))
         cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
         for label, (hs, ws) in enumerate((hs, ws) for hs in cuts for ws in cuts):
             region[hs, ws] = label
     slots = window_partition(source[None, :, :, None], window).reshape(-1, window * window)  # (nW, N)
     regions = window_partition(region[None, :, :, None], window).reshape(-1, window * window)
-    padding = slots < 0
+    is_padding = slots < 0
     flat = slots.reshape(-1)
     # Padding slots write to a spare last entry, dropped after: no data-dependent shapes, so torch.compile
     # traces this without a graph break.
     scatter = torch.empty(H * W + 1, dtype=torch.long, device=device)
     slot = torch.arange(flat.numel(), device=device)
-    scatter = scatter.scatter_(0, flat.masked_fill(padding.reshape(-1), H * W), slot)[: H * W]
+    scatter = scatter.scatter_(0, flat.masked_fill(is_padding.reshape(-1), H * W), slot)[: H * W]
+    mask_padding = padding == "mask" and (Hp, Wp) != (H, W)
     mask = None
-    if shift > 0 or (Hp, Wp) != (H, W):
-        masked = (regions[:, :, None] != regions[:, None, :]) | padding[:, None, :]
+    if shift > 0 or mask_padding:
+        masked = regions[:, :, None] != regions[:, None, :]
+        if mask_padding:
+            masked = masked | is_padding[:, None, :]
         mask = torch.zeros(masked.shape, device=device).masked_fill(masked, MASK_VALUE)
-    return WindowLayout(flat.clamp(min=0), scatter, mask)
+    pads_with_zeros = padding != "mask" and (Hp, Wp) != (H, W)
+    gather = flat.masked_fill(is_padding.reshape(-1), H * W if pads_with_zeros else 0)
+    return WindowLayout(gather, scatter, mask, pads_with_zeros)
 
 
 class WindowLayouts(nn.Module):
     """The window layouts of one stage, built once per (H, W, window, shift, device) and cached.
 
-    The layouts of ``feature_size`` (the map size at the model's ``img_size``, with its effective ``window`` and
-    ``shift``) are built at construction as non-persistent buffers ``plain_*`` and ``shifted_*``: they move with
-    the module and a compiled graph reads them instead of rebuilding them every step.
+    ``padding`` is how maps that are no multiple of the window are padded (:func:`window_layout`). The layouts
+    of ``feature_size`` (the map size at the model's ``img_size``, with its effective ``window`` and ``shift``)
+    are built at construction as non-persistent buffers ``plain_*`` and ``shifted_*``: they move with the module
+    and a compiled graph reads them instead of rebuilding them every step.
     """
 
-    def __init__(self, feature_size: tuple[int, int] | None = None, window: int = 0, shift: int = 0) -> None:
+    def __init__(
+        self,
+        feature_size: tuple[int, int] | None = None,
+        window: int = 0,
+        shift: int = 0,
+        padding: Padding = "mask",
+    ) -> None:
         super().__init__()
         self.feature_size = feature_size
+        self.padding = padding
         self._cache: dict[tuple, WindowLayout] = {}
+        self._prebuilt_pads_with_zeros: dict[str, bool] = {}
         if feature_size is not None:
             kinds = {"plain": 0, "shifted": shift} if shift else {"plain": 0}
             for kind, kind_shift in kinds.items():
-                layout = window_layout(*feature_size, window, kind_shift)
-                for field, tensor in layout._asdict().items():
-                    self.register_buffer(f"{kind}_{field}", tensor, persistent=False)
+                layout = window_layout(*feature_size, window, kind_shift, padding=padding)
+                for field in ("gather", "scatter", "mask"):
+                    self.register_buffer(f"{kind}_{field}", getattr(layout, field), persistent=False)
+                self._prebuilt_pads_with_zeros[kind] = layout.pads_with_zeros
 
     def get(self, H: int, W: int, window: int, shift: int, device: torch.device) -> WindowLayout:
         """The layout of an H x W map cut into ``window`` windows shifted by ``shift``."""
         if self.feature_size == (H, W):
             kind = "shifted" if shift else "plain"
-            return WindowLayout(*(getattr(self, f"{kind}_{field}") for field in WindowLayout._fields))
+            tensors = (getattr(self, f"{kind}_{field}") for field in ("gather", "scatter", "mask"))
+            return WindowLayout(*tensors, self._prebuilt_pads_with_zeros[kind])
         if torch.compiler.is_compiling():
-            return window_layout(H, W, window, shift, device)
+            return window_layout(H, W, window, shift, device, self.padding)
         key = (H, W, window, shift, device)
         if key not in self._cache:
             # Normal tensors even when the first call runs under inference_mode (e.g. Lightning's sanity check):
             # inference tensors could not be saved for backward by the training steps that reuse them.
             with torch.inference_mode(False):
-                self._cache[key] = window_layout(H, W, window, shift, device)
+                self._cache[key] = window_layout(H, W, window, shift, device, self.padding)
         return self._cache[key]
 
 

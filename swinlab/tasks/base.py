@@ -96,6 +96,8 @@ class SwinTask(LightningModule, ABC):
         self._compiled = False
         #: Training FLOPs of the current batch, read by ``ThroughputMonitor`` (None: not counted).
         self.flops_per_batch: int | None = None
+        #: (C, H, W) of the last training batch of fixed-size images (None before one, or with lists of images).
+        self.train_image_shape: tuple[int, ...] | None = None
         self._macs_per_image: dict[tuple[int, ...], int] = {}
         self.configure_models()
         self.configure_losses()
@@ -147,7 +149,11 @@ class SwinTask(LightningModule, ABC):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         images = batch_images(batch)
         # Lists of images of their own sizes (detection) are not counted.
-        self.flops_per_batch = self.training_flops(images.shape) if isinstance(images, torch.Tensor) else None
+        if isinstance(images, torch.Tensor):
+            self.train_image_shape = tuple(images.shape[1:])
+            self.flops_per_batch = self.training_flops(images.shape)
+        else:
+            self.flops_per_batch = None
 
     def training_flops(self, batch_shape: Sequence[int]) -> int:
         """FLOPs of a training step on a (B, C, H, W) batch: multiply-adds of ``forward`` x 2 (FLOPs per MAC) x 3

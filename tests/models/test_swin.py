@@ -120,7 +120,7 @@ def test_windows_equal_naive_reference(size, window, shift):
 
 
 def test_padded_window_equals_unpadded_window_without_position_bias():
-    """position_bias='none': a 7x7 map in one 8x8 window (padded) gives what a 7x7 window gives."""
+    """position_bias='none', padding='mask': a 7x7 map in one 8x8 window (padded) gives what a 7x7 window gives."""
     torch.manual_seed(0)
     kwargs = dict(
         img_size=28,
@@ -131,6 +131,7 @@ def test_padded_window_equals_unpadded_window_without_position_bias():
         shift=False,
         position_bias="none",
         num_classes=3,
+        padding="mask",
     )
     exact = create_model("swin_t", window_size=7, **kwargs).eval()
     padded = create_model("swin_t", window_size=8, **kwargs).eval()
@@ -289,7 +290,8 @@ def test_layouts_prebuilt_for_img_size_and_cached_for_other_sizes():
     stage = model.layers[0]
     for kind, shift in (("plain", 0), ("shifted", 2)):
         expected = window_layout(16, 16, 4, shift)
-        for field, tensor in expected._asdict().items():
+        assert not expected.pads_with_zeros
+        for field, tensor in zip(("gather", "scatter", "mask"), expected[:3]):
             prebuilt = getattr(stage.layouts, f"{kind}_{field}")
             assert (prebuilt is None) == (tensor is None) and (tensor is None or torch.equal(prebuilt, tensor))
     assert not any("_gather" in key or "_mask" in key for key in model.state_dict())  # not saved in checkpoints
@@ -389,7 +391,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_same_gradients():
     [
         ("swin_t", "swin_tiny_patch4_window7_224", {}, (224, 224)),
         # Non-square: every map is a multiple of the window and larger than it, so timm's function is the
-        # official one (at 256x320 timm attends to zero padding, which swinlab masks; see docs/architecture.md).
+        # official one (at 256x320 timm pads after the shift, the official code before: tests/models/test_padding.py).
         ("swin_t", "swin_tiny_patch4_window7_224", {}, (448, 672)),
         ("swin_b", "swin_base_patch4_window12_384", {"window_size": 12, "img_size": 384}, (384, 384)),
     ],

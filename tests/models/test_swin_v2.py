@@ -71,6 +71,30 @@ def test_timm_and_official_layouts_give_timm_logits(tmp_path, layout):
         torch.testing.assert_close(model(x), reference(x), atol=1e-4, rtol=0)
 
 
+def test_padded_maps_timm_order_equals_timm(tmp_path):
+    """At 80x112 both stage maps (20x28, 10x14) need padding for window 8: padding='timm' gives timm's V2 features
+    and logits (zeros attended, padded after the shift); the default official order (padded before the shift)
+    does not."""
+    torch.manual_seed(0)
+    reference = timm_v2(img_size=(80, 112))
+    torch.save(reference.state_dict(), tmp_path / "timm.pth")
+    x = torch.randn(2, 3, 80, 112)
+
+    def features(model: torch.nn.Module) -> torch.Tensor:
+        return model.norm(model.layers[1](model.layers[0](model.embed(x))))
+
+    with torch.no_grad():
+        expected, expected_features = reference(x), reference.forward_features(x)
+        for padding in ("timm", "official"):
+            model = create_model("swinv2_t", **{**TINY, "img_size": (80, 112), "padding": padding}).eval()
+            assert not load_pretrained(model, tmp_path / "timm.pth").missing_keys
+            if padding == "timm":
+                torch.testing.assert_close(features(model), expected_features, atol=1e-4, rtol=0)
+                torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+            else:
+                assert (features(model) - expected_features).abs().max() > 1e-2
+
+
 def test_window8_checkpoint_runs_in_window16_model_like_timm(tmp_path):
     """pretrained_window_size normalises the CPB coordinates by the pre-training window; nothing is interpolated."""
     torch.manual_seed(0)
