@@ -228,7 +228,8 @@ class CascadeRCNN(GeneralizedRCNN):
     ``model(images, targets)`` -> dict of losses (RPN, then per stage ``*_s0``.. already weighted by the stage
     weights); evaluation: ``model(images)`` -> per image ``boxes`` (D, 4), ``scores``, ``labels`` and, with masks,
     ``masks`` (D, 1, H, W) probabilities. The RPN and test-time settings are torchvision's (they equal the official
-    ones); ``transform_kwargs`` go to ``GeneralizedRCNNTransform`` (e.g. ``size_divisible``, ``_skip_resize``).
+    ones); the box heads' convs are ``box_head_channels`` wide, by default the FPN's width as in the official
+    config; ``transform_kwargs`` go to ``GeneralizedRCNNTransform`` (e.g. ``size_divisible``, ``_skip_resize``).
     """
 
     def __init__(
@@ -246,7 +247,7 @@ class CascadeRCNN(GeneralizedRCNN):
         stage_loss_weights: Sequence[float] = STAGE_LOSS_WEIGHTS,
         stage_target_stds: Sequence[Sequence[float]] = STAGE_TARGET_STDS,
         class_agnostic: bool = False,
-        box_head_channels: int = 256,
+        box_head_channels: int | None = None,
         box_head_convs: int = 4,
         box_head_dim: int = 1024,
         box_head_norm: str = "batch",
@@ -278,6 +279,8 @@ class CascadeRCNN(GeneralizedRCNN):
         if box_head_norm not in BOX_HEAD_NORMS:
             raise ValueError(f"box_head_norm must be one of {sorted(BOX_HEAD_NORMS)}, got {box_head_norm!r}")
         channels = backbone.out_channels
+        # The official 4conv1fc heads convolve at the FPN's width (256 = 256); a narrower FPN gets narrower heads.
+        box_head_channels = box_head_channels or channels
         rpn = RegionProposalNetwork(
             rpn_anchor_generator,
             RPNHead(channels, rpn_anchor_generator.num_anchors_per_location()[0]),
