@@ -1,3 +1,4 @@
+import os
 import sys
 
 
@@ -16,7 +17,14 @@ def run() -> None:
         return
     from swinlab.cli import main
 
-    main()
+    try:
+        main()
+    except Exception as err:
+        # A bad config, file or folder gets one line naming it; the traceback only on request.
+        if os.environ.get("SWINLAB_DEBUG") == "1":
+            raise
+        print(f"swinlab: error: {err} (SWINLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

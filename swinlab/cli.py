@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import os
+import sys
 from argparse import RawDescriptionHelpFormatter
 from datetime import timedelta
 from typing import Any
 
-from jsonargparse import DefaultHelpFormatter, set_parsing_settings
+from jsonargparse import ArgumentError, DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import swinlab.data
 import swinlab.tasks
 from swinlab.callbacks import NonFiniteLossGuard, PreemptionCheckpoint, ResumePosition
-from swinlab.checkpointing import AtomicCheckpointIO
+from swinlab.checkpointing import AtomicCheckpointIO, RunFolderLock, check_fresh_run_folder
 from swinlab.config_compose import expand_command_line
 from swinlab.data.bad_samples import BadSampleReport
 from swinlab.plots import EvaluationPictures, TrainingCurves
 from swinlab.tasks.base import batch_size
 from swinlab.validation import (
-    check_checkpoint_classes,
+    ConfigError,
+    check_checkpoint_matches,
+    check_checkpoint_task,
     check_num_classes,
+    explain_parse_error,
     requested_num_classes,
     validate_run_config,
 )
@@ -49,6 +55,18 @@ def _description() -> str:
 
 def _as_list(value: Any) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _subcommand_parser(parser: LightningArgumentParser, args: Any) -> LightningArgumentParser:
+    """The parser of the subcommand named in ``args`` (the root parser when none is)."""
+    subcommand = next((arg for arg in args or sys.argv[1:] if arg in SUBCOMMANDS), None)
+    for action in parser._actions:
+        if isinstance(action.choices, dict) and subcommand in action.choices:
+            return action.choices[subcommand]
+    return parser
 
 
 class _HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
@@ -98,11 +116,37 @@ class SwinLabCLI(LightningCLI):
             help="fit only: also refresh last.ckpt every this many minutes of training (null: off).",
         )
         parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit only: start a new run even though the checkpoint folder holds a run's checkpoints (deleted "
+            "first). Without it such a fit refuses to start; resume it with --ckpt_path last instead.",
+        )
+        parser.add_argument(
+            "--collective_timeout",
+            type=float,
+            default=600.0,
+            help="DDP: seconds a collective (gradient all-reduce, barrier) waits for the other processes before "
+            "failing, so a dead process stops the run instead of hanging it.",
+        )
+        parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
             help="fit only: after fitting, run the test loop on the best checkpoint (the final weights if none).",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, turning an unknown key into a ``ConfigError`` naming the closest valid keys, and check a
+        ``--ckpt_path`` file before LightningCLI applies its hyper-parameters to the model config."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(explain_parse_error(str(err), _subcommand_parser(parser, args))) from None
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
+            check_checkpoint_task(ckpt_path, config.model)
 
     def _subcommand_config(self, config: Any = None) -> Any:
         """The part of ``config`` (default: the parsed ``self.config``) for the running subcommand."""
@@ -116,6 +160,8 @@ class SwinLabCLI(LightningCLI):
             # A fixed folder, so ``--ckpt_path last`` in a later run finds ``last.ckpt``.
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         validate_run_config(config, self.subcommand)
+        if self.subcommand == "fit" and config.get("ckpt_path") is None and rank_zero_only.rank == 0:
+            check_fresh_run_folder(config.checkpoint.dirpath, config.overwrite)
         self._requested_num_classes = requested_num_classes(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -130,6 +176,12 @@ class SwinLabCLI(LightningCLI):
         plugins = _as_list(kwargs.get("plugins", trainer_init.get("plugins")))
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        strategy = kwargs.get("strategy", trainer_init.get("strategy"))
+        # A dead process makes the others fail after collective_timeout instead of waiting forever in a collective.
+        named = isinstance(strategy, str) and strategy in StrategyRegistry
+        if named and issubclass(StrategyRegistry[strategy]["strategy"], DDPStrategy):
+            timeout = timedelta(seconds=config.collective_timeout)
+            kwargs["strategy"] = StrategyRegistry.get(strategy, timeout=timeout)
         resume_checkpoints = self._resume_checkpoint()
         extra = [ResumePosition(), PreemptionCheckpoint(), BadSampleReport(), *resume_checkpoints, *self._observers()]
         kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", trainer_init.get("callbacks"))), *extra]
@@ -172,12 +224,22 @@ class SwinLabCLI(LightningCLI):
     def _check_before_run(self) -> None:
         # The checkpoint first: LightningCLI copies its hyper-parameters (num_classes too) into the config.
         ckpt_path = self._subcommand_config().get("ckpt_path")
-        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
-            check_checkpoint_classes(ckpt_path, self.datamodule)
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
+            check_checkpoint_matches(ckpt_path, self.model, self.datamodule)
         check_num_classes(self.model, self.datamodule, self._requested_num_classes)
 
     def before_fit(self) -> None:
         self._check_before_run()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # One fit at a time per checkpoint folder: the lock names this process, and is released however it ends.
+        lock = RunFolderLock(self._subcommand_config().checkpoint.dirpath)
+        if subcommand == "fit" and rank_zero_only.rank == 0:
+            lock.acquire()
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            lock.release()
 
     def before_validate(self) -> None:
         self._check_before_run()
@@ -213,7 +275,16 @@ def main(args: list[str] | None = None, run: bool = True) -> SwinLabCLI:
         auto_configure_optimizers=False,
         # ``omegaconf+`` resolves ``${...}`` after all configs and command-line overrides are merged, so a value
         # such as the image size is set once, and overriding it on the command line reaches every use.
-        parser_kwargs={"parser_mode": "omegaconf+", "description": _description(), "formatter_class": _HelpFormatter},
+        # Parse errors raise (``exit_on_error``) so that ``parse_arguments`` can name the closest valid key; no
+        # abbreviated flags (``--trainer.max_epoch`` would silently mean ``max_epochs``).
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "description": _description(),
+            "formatter_class": _HelpFormatter,
+            "exit_on_error": False,
+            "allow_abbrev": False,
+            **{subcommand: {"exit_on_error": False, "allow_abbrev": False} for subcommand in SUBCOMMANDS},
+        },
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -1,0 +1,226 @@
+"""Issue 19, nothing lost, nothing wrong: each fault a user can meet gets a refusal or a one-line error naming the
+file, folder or key and the way on, and leaves the earlier checkpoints intact."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from swinlab.checkpointing import LOCK_NAME, CheckpointFileError, CheckpointSaveError, RunFolderError
+from swinlab.cli import main
+from swinlab.validation import ConfigError
+from tests.helpers import ROOT, TINY_SWIN
+
+QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+
+
+def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
+    """One training step of a tiny Swin on Fashion-MNIST, checkpoints in ``root/checkpoints``."""
+    return [
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+        "--test_after_fit=false",
+        f"--model.init_args.backbone_kwargs={json.dumps({**TINY_SWIN, 'in_chans': 1})}",
+        f"--data.init_args.data_dir={data_dir}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.persistent_workers=false",
+        *extra,
+    ]
+
+
+def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "swinlab", *args], env=environment, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture
+def finished_run(fashion_mnist_dir: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "run"
+    main(fit_args(fashion_mnist_dir, root))
+    assert (root / "checkpoints" / "last.ckpt").is_file()
+    return root
+
+
+# --- no silent overwrite ---------------------------------------------------------------------------------------
+
+
+def test_fresh_fit_into_a_finished_run_refuses_and_names_the_ways_on(finished_run, fashion_mnist_dir):
+    last = finished_run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    fresh_steps = torch.load(last, weights_only=True)["global_step"]
+    with pytest.raises(RunFolderError) as refused:
+        main(fit_args(fashion_mnist_dir, finished_run))
+    message = str(refused.value)
+    assert str(finished_run / "checkpoints") in message
+    assert "--ckpt_path last" in message and "--trainer.default_root_dir" in message and "--overwrite true" in message
+    assert last.read_bytes() == before
+    # The explicit ways on: resume, or overwrite (the old checkpoints are replaced by the new run's).
+    main(fit_args(fashion_mnist_dir, finished_run, "--ckpt_path=last", "--trainer.max_epochs=2"))
+    assert torch.load(last, weights_only=True)["global_step"] > fresh_steps
+    main(fit_args(fashion_mnist_dir, finished_run, "--overwrite=true"))
+    assert torch.load(last, weights_only=True)["global_step"] == fresh_steps
+
+
+def test_second_run_in_a_locked_folder_refuses_and_a_stale_lock_is_taken_over(fashion_mnist_dir, tmp_path):
+    root = tmp_path / "run"
+    lock = root / "checkpoints" / LOCK_NAME
+    lock.parent.mkdir(parents=True)
+    # A live run: this test's parent process holds the folder.
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename, "started": "now"}))
+    with pytest.raises(RunFolderError, match=rf"{root / 'checkpoints'} is in use by another run \(pid {os.getppid()}"):
+        main(fit_args(fashion_mnist_dir, root))
+    # A killed run: its process is gone, so its lock is stale.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(json.dumps({"pid": gone.pid, "host": os.uname().nodename, "started": "then"}))
+    main(fit_args(fashion_mnist_dir, root))
+    assert (root / "checkpoints" / "last.ckpt").is_file() and not lock.exists(), "taken over, then released"
+
+
+# --- bad checkpoint files ----------------------------------------------------------------------------------------
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def bad_files(tmp_path: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Each kind of bad file, with the words its error must hold."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("epoch: 3\n")
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode()}, pickled)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return {
+        "not-a-checkpoint": (text, "not a PyTorch checkpoint"),
+        "runs-code": (pickled, "would run code"),
+        "truncated": (truncated, "truncated checkpoint"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["not-a-checkpoint", "runs-code", "truncated"])
+def test_bad_ckpt_path_and_pretrained_files_get_one_line_errors(kind, finished_run, fashion_mnist_dir, tmp_path):
+    path, words = bad_files(tmp_path, finished_run / "checkpoints" / "last.ckpt")[kind]
+    other = tmp_path / "other"
+    for option, name in (
+        (f"--ckpt_path={path}", "--ckpt_path"),
+        (f"--model.init_args.pretrained={path}", "pretrained"),
+    ):
+        with pytest.raises(CheckpointFileError) as error:
+            main(fit_args(fashion_mnist_dir, other, option))
+        message = str(error.value)
+        assert name in message and str(path) in message and words in message and "\n" not in message
+        assert "weights_only=False" not in message
+
+
+def test_checkpoint_of_another_task_or_model_is_named(finished_run, fashion_mnist_dir, tmp_path):
+    good = finished_run / "checkpoints" / "last.ckpt"
+    detection = torch.load(good, weights_only=True)
+    detection["hyper_parameters"]["_class_path"] = "swinlab.tasks.DetectionTask"
+    torch.save(detection, tmp_path / "detection.ckpt")
+    with pytest.raises(
+        CheckpointFileError,
+        match=r"detection\.ckpt: a checkpoint of swinlab.tasks.DetectionTask .* model is swinlab.tasks.Classification",
+    ):
+        main(fit_args(fashion_mnist_dir, tmp_path / "a", f"--ckpt_path={tmp_path / 'detection.ckpt'}"))
+    # A state dict of something else given as pretrained.
+    torch.save({"model": {"conv.weight": torch.zeros(3)}}, tmp_path / "other_model.pth")
+    with pytest.raises(CheckpointFileError, match=r"other_model\.pth: holds 0 of the \d+ weights of backbone swin_t"):
+        main(
+            fit_args(fashion_mnist_dir, tmp_path / "c", f"--model.init_args.pretrained={tmp_path / 'other_model.pth'}")
+        )
+
+
+def test_command_line_prints_one_line_and_exits_2(finished_run, fashion_mnist_dir, tmp_path):
+    path, _ = bad_files(tmp_path, finished_run / "checkpoints" / "last.ckpt")["truncated"]
+    done = run_cli(fit_args(fashion_mnist_dir, tmp_path / "other", f"--ckpt_path={path}"), tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(f"swinlab: error: --ckpt_path {path}: truncated checkpoint")
+    assert "Traceback" not in done.stderr
+    debug = run_cli(fit_args(fashion_mnist_dir, tmp_path / "other", f"--ckpt_path={path}"), tmp_path, SWINLAB_DEBUG="1")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+# --- unknown config keys -----------------------------------------------------------------------------------------
+
+
+def test_unknown_keys_name_the_closest_valid_key(tmp_path):
+    base = ["fit", "--config", str(QUICKSTART)]
+    cases = {
+        "--model.init_args.backbon=swin_t": "`model.init_args.backbon` .* mean `model.init_args.backbone`",
+        "--trainer.max_epoch=3": "unknown config key `trainer.max_epoch` .* did you mean `trainer.max_epochs`",
+        "--data.init_args.batch_sise=3": "did you mean `data.init_args.batch_size`",
+        "--model.init_args.optimizer.init_args.lrr=1": "did you mean `model.init_args.optimizer.init_args.lr`",
+    }
+    for flag, words in cases.items():
+        with pytest.raises(ConfigError, match=words):
+            main([*base, flag])
+    override = tmp_path / "typo.yaml"
+    for config, words in (
+        ({"model": {"init_args": {"backbon": "swin_t"}}}, "did you mean `model.init_args.backbone`"),
+        ({"trainer": {"max_epoch": 3}}, "did you mean `trainer.max_epochs`"),
+    ):
+        override.write_text(yaml.safe_dump(config))
+        with pytest.raises(ConfigError, match=words):
+            main([*base, "--config", str(override)])
+
+
+# --- I/O faults while saving -------------------------------------------------------------------------------------
+
+
+def test_disk_full_while_saving_keeps_last_ckpt_and_stops_naming_the_folder(
+    finished_run, fashion_mnist_dir, monkeypatch
+):
+    last = finished_run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    args = fit_args(fashion_mnist_dir, finished_run, "--ckpt_path=last", "--trainer.max_epochs=2")
+    with pytest.raises(CheckpointSaveError, match=rf"in {finished_run / 'checkpoints'}: No space left on device"):
+        main(args)
+    assert last.read_bytes() == before
+    assert sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".last")) == []
+
+
+def test_read_only_folder_keeps_last_ckpt_and_stops_naming_the_folder(finished_run, fashion_mnist_dir, monkeypatch):
+    folder = finished_run / "checkpoints"
+    before = (folder / "last.ckpt").read_bytes()
+    if os.geteuid() == 0:  # root writes into a 0o555 folder: make the file system say what a read-only one says
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointSaveError, match=rf"in {folder}: (Permission denied|Read-only file system)"):
+            main(fit_args(fashion_mnist_dir, finished_run, "--ckpt_path=last", "--trainer.max_epochs=2"))
+    finally:
+        folder.chmod(0o755)
+    assert (folder / "last.ckpt").read_bytes() == before
