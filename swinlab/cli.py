@@ -178,10 +178,10 @@ class SwinLabCLI(LightningCLI):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         strategy = kwargs.get("strategy", trainer_init.get("strategy"))
         # A dead process makes the others fail after collective_timeout instead of waiting forever in a collective.
-        named = isinstance(strategy, str) and strategy in StrategyRegistry
-        if named and issubclass(StrategyRegistry[strategy]["strategy"], DDPStrategy):
+        entry = StrategyRegistry[strategy] if isinstance(strategy, str) and strategy in StrategyRegistry else None
+        if entry is not None and issubclass(entry["strategy"], DDPStrategy):
             timeout = timedelta(seconds=config.collective_timeout)
-            kwargs["strategy"] = StrategyRegistry.get(strategy, timeout=timeout)
+            kwargs["strategy"] = entry["strategy"](**{**entry["init_params"], "timeout": timeout})
         resume_checkpoints = self._resume_checkpoint()
         extra = [ResumePosition(), PreemptionCheckpoint(), BadSampleReport(), *resume_checkpoints, *self._observers()]
         kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", trainer_init.get("callbacks"))), *extra]
