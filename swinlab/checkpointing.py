@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -162,7 +163,8 @@ class RunFolderError(RuntimeError):
     """A fit that would overwrite or share a run folder; the message names the folder and the ways on."""
 
 
-# Held by a running fit in its checkpoint folder; holds {"pid", "host", "started"}.
+# Held by a running fit in its run folder (``trainer.default_root_dir``, outside ``checkpoints/``, where Lightning
+# warns about any other file); holds {"pid", "host", "started"}.
 LOCK_NAME = ".swinlab-run.lock"
 # A lock file without readable content younger than this may be one another run is writing right now.
 _LOCK_WRITE_GRACE_S = 10.0
@@ -198,11 +200,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class RunFolderLock:
+class RunFolderLock(Callback):
     """An exclusive lock on a run folder: ``folder/LOCK_NAME`` created with ``O_EXCL``, naming pid and host.
 
     A lock whose process is gone (same host, pid not alive, or this very process) is stale and taken over; a lock
-    from another host cannot be checked and is respected.
+    from another host cannot be checked and is respected. As a callback it is released when the trainer stops on an
+    exception (``on_exception``), so a failed run leaves no lock behind.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -251,3 +254,6 @@ class RunFolderLock:
             self.held = False
             if self.made_folder and not any(self.path.parent.iterdir()):
                 self.path.parent.rmdir()  # a run that failed before saving leaves no empty folder behind
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.release()

@@ -160,8 +160,7 @@ class SwinLabCLI(LightningCLI):
             # A fixed folder, so ``--ckpt_path last`` in a later run finds ``last.ckpt``.
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         validate_run_config(config, self.subcommand)
-        if self.subcommand == "fit" and config.get("ckpt_path") is None and rank_zero_only.rank == 0:
-            check_fresh_run_folder(config.checkpoint.dirpath, config.overwrite)
+        self._run_lock = RunFolderLock(root)
         self._requested_num_classes = requested_num_classes(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -184,6 +183,8 @@ class SwinLabCLI(LightningCLI):
             kwargs["strategy"] = entry["strategy"](**{**entry["init_params"], "timeout": timeout})
         resume_checkpoints = self._resume_checkpoint()
         extra = [ResumePosition(), PreemptionCheckpoint(), BadSampleReport(), *resume_checkpoints, *self._observers()]
+        if self.subcommand == "fit":
+            extra.append(self._run_lock)  # released by the trainer on an exception
         kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", trainer_init.get("callbacks"))), *extra]
         trainer = super().instantiate_trainer(**kwargs)
         # ``trainer.checkpoint_callback`` (what ``best`` and ``test_after_fit`` use) is the first ModelCheckpoint:
@@ -229,17 +230,20 @@ class SwinLabCLI(LightningCLI):
         check_num_classes(self.model, self.datamodule, self._requested_num_classes)
 
     def before_fit(self) -> None:
+        """One fit at a time per run folder: rank 0 (before it starts the other DDP processes) takes the folder's
+        lock, then refuses a fresh fit into a folder that holds a run's checkpoints (``--overwrite true`` deletes
+        them, which is safe only once the lock is held). ``after_fit`` or, on an exception, the trainer releases it."""
         self._check_before_run()
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        # One fit at a time per checkpoint folder: the lock names this process, and is released however it ends.
-        lock = RunFolderLock(self._subcommand_config().checkpoint.dirpath)
-        if subcommand == "fit" and rank_zero_only.rank == 0:
-            lock.acquire()
+        config = self._subcommand_config()
+        if rank_zero_only.rank != 0:
+            return
+        self._run_lock.acquire()
         try:
-            super()._run_subcommand(subcommand)
-        finally:
-            lock.release()
+            if config.get("ckpt_path") is None:
+                check_fresh_run_folder(config.checkpoint.dirpath, config.overwrite)
+        except BaseException:
+            self._run_lock.release()
+            raise
 
     def before_validate(self) -> None:
         self._check_before_run()
@@ -251,11 +255,13 @@ class SwinLabCLI(LightningCLI):
         self._check_before_run()
 
     def after_fit(self) -> None:
-        if not self._subcommand_config().test_after_fit:
-            return
-        checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        try:
+            if self._subcommand_config().test_after_fit:
+                checkpoint = self.trainer.checkpoint_callback
+                ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        finally:
+            self._run_lock.release()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SwinLabCLI:

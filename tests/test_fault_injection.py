@@ -8,13 +8,17 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback, LightningModule, Trainer
 
+from swinlab.__main__ import run as command_line
 from swinlab.checkpointing import LOCK_NAME, CheckpointFileError, CheckpointSaveError, RunFolderError
 from swinlab.cli import main
+from swinlab.tasks import ClassificationTask
 from swinlab.validation import ConfigError
 from tests.helpers import ROOT, TINY_SWIN
 
@@ -22,7 +26,7 @@ QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yam
 
 
 def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
-    """One training step of a tiny Swin on Fashion-MNIST, checkpoints in ``root/checkpoints``."""
+    """Two training steps of a tiny Swin on Fashion-MNIST, checkpoints in ``root/checkpoints``."""
     return [
         "fit",
         "--config",
@@ -31,7 +35,7 @@ def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
         "--trainer.devices=1",
         "--trainer.strategy=auto",
         "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=1",
+        "--trainer.limit_train_batches=2",  # an int: 1 would read as 1.0, the whole epoch
         "--trainer.limit_val_batches=1",
         "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
@@ -82,20 +86,44 @@ def test_fresh_fit_into_a_finished_run_refuses_and_names_the_ways_on(finished_ru
     assert torch.load(last, weights_only=True)["global_step"] == fresh_steps
 
 
+class LockHolders(Callback):
+    """Records, when training starts, the pid the run folder's lock names."""
+
+    seen: ClassVar[list[int]] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.seen.append(json.loads((Path(trainer.default_root_dir) / LOCK_NAME).read_text())["pid"])
+
+
 def test_second_run_in_a_locked_folder_refuses_and_a_stale_lock_is_taken_over(fashion_mnist_dir, tmp_path):
     root = tmp_path / "run"
-    lock = root / "checkpoints" / LOCK_NAME
-    lock.parent.mkdir(parents=True)
-    # A live run: this test's parent process holds the folder.
+    lock = root / LOCK_NAME
+    running = root / "checkpoints" / "last.ckpt"
+    running.parent.mkdir(parents=True)
+    running.write_bytes(b"the running run's checkpoint")
+    # A live run: this test's parent process holds the folder. Even --overwrite true deletes nothing of it.
     lock.write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename, "started": "now"}))
-    with pytest.raises(RunFolderError, match=rf"{root / 'checkpoints'} is in use by another run \(pid {os.getppid()}"):
-        main(fit_args(fashion_mnist_dir, root))
-    # A killed run: its process is gone, so its lock is stale.
+    with pytest.raises(RunFolderError, match=rf"{root} is in use by another run \(pid {os.getppid()}"):
+        main(fit_args(fashion_mnist_dir, root, "--overwrite=true"))
+    assert running.read_bytes() == b"the running run's checkpoint"
+    # A killed run: its process is gone, so its lock is stale; the fit takes it over and holds it while it trains.
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     lock.write_text(json.dumps({"pid": gone.pid, "host": os.uname().nodename, "started": "then"}))
-    main(fit_args(fashion_mnist_dir, root))
-    assert (root / "checkpoints" / "last.ckpt").is_file() and not lock.exists(), "taken over, then released"
+    LockHolders.seen.clear()
+    main(fit_args(fashion_mnist_dir, root, "--overwrite=true", f"--trainer.callbacks+={__name__}.LockHolders"))
+    assert LockHolders.seen == [os.getpid()]
+    assert torch.load(running, weights_only=True)["global_step"] == 2 and not lock.exists(), "released at the end"
+
+
+def test_a_failed_fit_releases_the_lock(fashion_mnist_dir, tmp_path, monkeypatch):
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("a bug in the training step")
+
+    monkeypatch.setattr(ClassificationTask, "training_step", broken_step)
+    with pytest.raises(RuntimeError, match="a bug in the training step"):
+        main(fit_args(fashion_mnist_dir, tmp_path / "run"))
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
 # --- bad checkpoint files ----------------------------------------------------------------------------------------
@@ -154,14 +182,22 @@ def test_checkpoint_of_another_task_or_model_is_named(finished_run, fashion_mnis
         )
 
 
-def test_command_line_prints_one_line_and_exits_2(finished_run, fashion_mnist_dir, tmp_path):
+def test_command_line_prints_one_line_and_exits_2(finished_run, fashion_mnist_dir, tmp_path, monkeypatch, capsys):
+    """``python -m swinlab`` (its entry point, in this process): one line and status 2; the traceback on request."""
     path, _ = bad_files(tmp_path, finished_run / "checkpoints" / "last.ckpt")["truncated"]
-    done = run_cli(fit_args(fashion_mnist_dir, tmp_path / "other", f"--ckpt_path={path}"), tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(f"swinlab: error: --ckpt_path {path}: truncated checkpoint")
-    assert "Traceback" not in done.stderr
-    debug = run_cli(fit_args(fashion_mnist_dir, tmp_path / "other", f"--ckpt_path={path}"), tmp_path, SWINLAB_DEBUG="1")
-    assert debug.returncode != 0 and "Traceback" in debug.stderr
+    monkeypatch.setattr(
+        sys, "argv", ["swinlab", *fit_args(fashion_mnist_dir, tmp_path / "other", f"--ckpt_path={path}")]
+    )
+    monkeypatch.delenv("SWINLAB_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as done:
+        command_line()
+    assert done.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"swinlab: error: --ckpt_path {path}: truncated checkpoint")
+    assert line.endswith("(SWINLAB_DEBUG=1 shows the traceback)")
+    monkeypatch.setenv("SWINLAB_DEBUG", "1")
+    with pytest.raises(CheckpointFileError, match="truncated checkpoint"):
+        command_line()
 
 
 # --- unknown config keys -----------------------------------------------------------------------------------------
