@@ -288,10 +288,20 @@ def explain_parse_error(message: str, parser: Any) -> str:
 
 
 def _closest(key: str, known: list[str]) -> list[str]:
-    return difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    """Up to three of ``known`` whose last part is close to ``key``'s (on whole keys, the shared ``model.init_args.``
+    would make any two keys of a class look alike), the closest whole keys first."""
+    leaf = key.rsplit(".", 1)[-1]
+    close = set(difflib.get_close_matches(leaf, {name.rsplit(".", 1)[-1] for name in known}, n=3, cutoff=0.75))
+    candidates = [name for name in known if name.rsplit(".", 1)[-1] in close]
+    return sorted(candidates, key=lambda name: -difflib.SequenceMatcher(None, key, name).ratio())[:3]
 
 
 def _unknown_key(key: str, close: list[str], class_path: str | None = None) -> str:
     where = f" of {class_path}" if class_path else ""
-    hint = f"did you mean {' or '.join(f'`{name}`' for name in close)}?" if close else "see --help for the valid keys"
+    if close:
+        hint = f"did you mean {' or '.join(f'`{name}`' for name in close)}?"
+    elif class_path:
+        hint = f"--{key.rsplit('.init_args.', 1)[0]}.help {class_path} lists its keys"
+    else:
+        hint = "--help lists the valid keys"
     return f"unknown config key `{key}`{where} (command line or --config file); {hint}"

@@ -210,6 +210,9 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path):
         "--trainer.max_epoch=3": "unknown config key `trainer.max_epoch` .* did you mean `trainer.max_epochs`",
         "--data.init_args.batch_sise=3": "did you mean `data.init_args.batch_size`",
         "--model.init_args.optimizer.init_args.lrr=1": "did you mean `model.init_args.optimizer.init_args.lr`",
+        # Nothing close: no guess (``model.init_args.compile`` shares the prefix, not the name), where to look.
+        "--model.init_args.no_such_option=1": r"`model.init_args.no_such_option` of swinlab.tasks.ClassificationTask "
+        r"\(command line or --config file\); --model.help swinlab.tasks.ClassificationTask lists its keys$",
     }
     for flag, words in cases.items():
         with pytest.raises(ConfigError, match=words):
