@@ -4,9 +4,12 @@ file, folder or key and the way on, and leaves the earlier checkpoints intact.""
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 
 from swinlab.__main__ import run as command_line
 from swinlab.checkpointing import LOCK_NAME, CheckpointFileError, CheckpointSaveError, RunFolderError
@@ -263,3 +267,80 @@ def test_read_only_folder_keeps_last_ckpt_and_stops_naming_the_folder(finished_r
     finally:
         folder.chmod(0o755)
     assert (folder / "last.ckpt").read_bytes() == before
+
+
+# --- a dead rank -------------------------------------------------------------------------------------------------
+
+
+class KillRankAtStep(Callback):
+    """SIGKILLs the process of DDP rank ``rank`` at the end of optimizer step ``step``, before that step's saves."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def ddp_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
+    """2 CPU processes (gloo), 2 epochs of 4 steps (32 training images, 4 per process and step), last.ckpt every 3
+    steps, no random augmentation; the run is seeded, so two runs draw the same data order and dropout."""
+    return [
+        "fit",
+        "--config",
+        str(QUICKSTART),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs=2",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+        "--test_after_fit=false",
+        "--checkpoint_every_n_steps=3",
+        "--checkpoint.monitor=null",
+        "--collective_timeout=30",
+        f"--model.init_args.backbone_kwargs={json.dumps({**TINY_SWIN, 'in_chans': 1})}",
+        f"--data.init_args.data_dir={data_dir}",
+        "--data.init_args.val_size=8",
+        "--data.init_args.batch_size=4",
+        "--data.init_args.augment=false",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.persistent_workers=false",
+        *extra,
+    ]
+
+
+def test_a_killed_rank_stops_the_other_and_both_resume_to_the_uninterrupted_weights(fashion_mnist_dir, tmp_path):
+    """Rank 1 is SIGKILLed after step 7; rank 0 fails in its next all-reduce (gloo sees the closed connection, else
+    after --collective_timeout) and exits; ``--ckpt_path last`` resumes both from the step-6 save."""
+    uninterrupted = run_cli(ddp_args(fashion_mnist_dir, tmp_path / "uninterrupted"), tmp_path)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+
+    killed_root = tmp_path / "killed"
+    kill = json.dumps({"class_path": f"{__name__}.KillRankAtStep", "init_args": {"rank": 1, "step": 7}})
+    started = time.monotonic()
+    killed = run_cli(ddp_args(fashion_mnist_dir, killed_root, f"--trainer.callbacks+={kill}"), tmp_path)
+    took = time.monotonic() - started
+    assert killed.returncode == 2 and took < 120, (killed.returncode, took, killed.stderr[-3000:])
+    last_line = killed.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("swinlab: error: another process of this DDP run died, or did not answer within "), (
+        killed.stderr[-3000:]
+    )
+    saved = torch.load(killed_root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 6 and saved["epoch"] == 1  # the periodic save of step 6, mid-epoch 1
+    assert not (killed_root / LOCK_NAME).exists(), "rank 0 stopped on the error and released the run folder"
+
+    resumed = run_cli(ddp_args(fashion_mnist_dir, killed_root, "--ckpt_path=last"), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt", weights_only=True)
+    final = torch.load(killed_root / "checkpoints" / "last.ckpt", weights_only=True)
+    assert final["global_step"] == expected["global_step"] == 8
+    for key, value in expected["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_the_collective_timeout_reaches_the_ddp_strategy(fashion_mnist_dir, tmp_path):
+    cli = main(ddp_args(fashion_mnist_dir, tmp_path, "--collective_timeout=7")[1:], run=False)
+    assert isinstance(cli.trainer.strategy, DDPStrategy) and cli.trainer.strategy._timeout == timedelta(seconds=7)
