@@ -4,6 +4,7 @@ file, folder or key and the way on, and leaves the earlier checkpoints intact.""
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,7 +26,7 @@ from swinlab.checkpointing import LOCK_NAME, CheckpointFileError, CheckpointSave
 from swinlab.cli import main
 from swinlab.tasks import ClassificationTask
 from swinlab.validation import ConfigError
-from tests.helpers import ROOT, TINY_SWIN
+from tests.helpers import ROOT, TINY_SWIN, write_idx
 
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
@@ -62,12 +64,23 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
     )
 
 
-@pytest.fixture
-def finished_run(fashion_mnist_dir: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "run"
-    main(fit_args(fashion_mnist_dir, root))
+@pytest.fixture(scope="module")
+def one_finished_run(tmp_path_factory) -> Path:
+    """A finished run (fit once per module: the tests that need one get a copy)."""
+    data_dir = tmp_path_factory.mktemp("fashion-mnist")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("t10k", 20)):
+        write_idx(data_dir / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(data_dir / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    root = tmp_path_factory.mktemp("finished") / "run"
+    main(fit_args(data_dir, root))
     assert (root / "checkpoints" / "last.ckpt").is_file()
     return root
+
+
+@pytest.fixture
+def finished_run(one_finished_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(one_finished_run, tmp_path / "run"))
 
 
 # --- no silent overwrite ---------------------------------------------------------------------------------------
