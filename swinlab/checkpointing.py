@@ -98,6 +98,18 @@ def load_checkpoint_safely(path: str | Path, map_location: Any = None, weights_o
     return read_checkpoint_file(path, "checkpoint", map_location)
 
 
+def _os_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err``: itself, or the one raised while ``torch.save`` wrote to the file (torch then
+    raises a ``RuntimeError`` "unexpected pos ..." whose context is the disk's ``ENOSPC``)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 class CheckpointSaveError(OSError):
     """A checkpoint save that failed (disk full, read-only folder); the previous checkpoints are left intact."""
 
@@ -134,8 +146,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException as err:
             if partial is not None:
                 Path(partial).unlink(missing_ok=True)
-            if isinstance(err, OSError):
-                reason = os.strerror(err.errno) if err.errno else _first_line(err)
+            cause = _os_error(err)
+            if cause is not None:
+                reason = os.strerror(cause.errno) if cause.errno else _first_line(cause)
                 raise CheckpointSaveError(
                     f"cannot save checkpoint {target.name} in {target.parent}: {reason}; the checkpoints already "
                     "there are intact. Free space or make the folder writable, then resume with --ckpt_path last"
@@ -214,14 +227,19 @@ class RunFolderLock(Callback):
 
     def acquire(self) -> None:
         self.made_folder = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 self._take_over_if_stale()
                 continue
+            except OSError as err:  # a read-only or full file system: the run could not save anything there either
+                raise RunFolderError(
+                    f"cannot write in the run folder {self.path.parent}: {os.strerror(err.errno)}; make it writable "
+                    "or pass another --trainer.default_root_dir"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True

@@ -2,6 +2,7 @@
 file, folder or key and the way on, and leaves the earlier checkpoints intact."""
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -22,7 +23,13 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from swinlab.__main__ import run as command_line
-from swinlab.checkpointing import LOCK_NAME, CheckpointFileError, CheckpointSaveError, RunFolderError
+from swinlab.checkpointing import (
+    LOCK_NAME,
+    CheckpointFileError,
+    CheckpointSaveError,
+    RunFolderError,
+    RunFolderLock,
+)
 from swinlab.cli import main
 from swinlab.tasks import ClassificationTask
 from swinlab.validation import ConfigError
@@ -250,13 +257,25 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path):
 def test_disk_full_while_saving_keeps_last_ckpt_and_stops_naming_the_folder(
     finished_run, fashion_mnist_dir, monkeypatch
 ):
+    """The disk fills up while the checkpoint is written: as on a real full file system, the file's ``write`` fails
+    partway with ENOSPC and ``torch.save`` turns that into a RuntimeError ("unexpected pos ...")."""
     last = finished_run / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
+    open_fd = os.fdopen
 
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class FullDisk(io.BufferedWriter):
+        room = 4096
 
-    monkeypatch.setattr(torch, "save", disk_full)
+        def write(self, data) -> int:
+            self.room -= len(data)
+            if self.room < 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(data)
+
+    def fill_up(fd, mode="r", *args, **kwargs):
+        return FullDisk(open_fd(fd, mode, *args, buffering=0, **kwargs)) if mode == "wb" else open_fd(fd, mode)
+
+    monkeypatch.setattr(os, "fdopen", fill_up)
     args = fit_args(fashion_mnist_dir, finished_run, "--ckpt_path=last", "--trainer.max_epochs=2")
     with pytest.raises(CheckpointSaveError, match=rf"in {finished_run / 'checkpoints'}: No space left on device"):
         main(args)
@@ -280,6 +299,19 @@ def test_read_only_folder_keeps_last_ckpt_and_stops_naming_the_folder(finished_r
     finally:
         folder.chmod(0o755)
     assert (folder / "last.ckpt").read_bytes() == before
+
+
+def test_a_read_only_run_folder_is_named_before_anything_runs(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(LOCK_NAME):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(RunFolderError, match=rf"cannot write in the run folder {tmp_path}: Read-only file system; "):
+        RunFolderLock(tmp_path).acquire()
 
 
 # --- a dead rank -------------------------------------------------------------------------------------------------
