@@ -367,8 +367,8 @@ def test_a_killed_rank_stops_the_other_and_both_resume_to_the_uninterrupted_weig
     kill = json.dumps({"class_path": f"{__name__}.KillRankAtStep", "init_args": {"rank": 1, "step": 7}})
     started = time.monotonic()
     killed = run_cli(ddp_args(fashion_mnist_dir, killed_root, f"--trainer.callbacks+={kill}"), tmp_path)
-    took = time.monotonic() - started
-    assert killed.returncode == 2 and took < 120, (killed.returncode, took, killed.stderr[-3000:])
+    took = time.monotonic() - started  # with the start-up of both processes; a hang would last 600 s by default
+    assert killed.returncode == 2 and took < 180, (killed.returncode, took, killed.stderr[-3000:])
     last_line = killed.stderr.strip().splitlines()[-1]
     assert last_line.startswith("swinlab: error: another process of this DDP run died, or did not answer within "), (
         killed.stderr[-3000:]
