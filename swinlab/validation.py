@@ -283,7 +283,14 @@ def explain_parse_error(message: str, parser: Any) -> str:
             prefix = ".".join(path)
             known = [f"{prefix}.{name}" for name in _class_keys(class_path or "")]
             key = f"{prefix}.{token['option']}"
-            return _unknown_key(key, _closest(key, known), class_path)
+            # A dict value under a misspelt key arrives as its inner keys (``backbone_kwarg.window``): name the
+            # longest part of the key that has a close valid one.
+            parts = key.split(".")
+            for end in range(len(parts), len(path), -1):
+                close = _closest(".".join(parts[:end]), known)
+                if close:
+                    return _unknown_key(".".join(parts[:end]), close, class_path)
+            return _unknown_key(key, [], class_path)
     return message
 
 

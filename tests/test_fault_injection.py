@@ -234,6 +234,8 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path):
         "--trainer.max_epoch=3": "unknown config key `trainer.max_epoch` .* did you mean `trainer.max_epochs`",
         "--data.init_args.batch_sise=3": "did you mean `data.init_args.batch_size`",
         "--model.init_args.optimizer.init_args.lrr=1": "did you mean `model.init_args.optimizer.init_args.lr`",
+        '--model.init_args.backbone_kwarg={"window_size": 4}': "`model.init_args.backbone_kwarg` of swinlab.tasks."
+        "ClassificationTask .* did you mean `model.init_args.backbone_kwargs`",
         # Nothing close: no guess (``model.init_args.compile`` shares the prefix, not the name), where to look.
         "--model.init_args.no_such_option=1": r"`model.init_args.no_such_option` of swinlab.tasks.ClassificationTask "
         r"\(command line or --config file\); --model.help swinlab.tasks.ClassificationTask lists its keys$",
