@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import os
+import sys
 from argparse import RawDescriptionHelpFormatter
 from datetime import timedelta
 from typing import Any
 
-from jsonargparse import DefaultHelpFormatter, set_parsing_settings
+from jsonargparse import ArgumentError, DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import swinlab.data
 import swinlab.tasks
 from swinlab.callbacks import NonFiniteLossGuard, PreemptionCheckpoint, ResumePosition
-from swinlab.checkpointing import AtomicCheckpointIO
+from swinlab.checkpointing import AtomicCheckpointIO, RunFolderLock, check_fresh_run_folder
 from swinlab.config_compose import expand_command_line
 from swinlab.data.bad_samples import BadSampleReport
 from swinlab.plots import EvaluationPictures, TrainingCurves
 from swinlab.tasks.base import batch_size
 from swinlab.validation import (
-    check_checkpoint_classes,
+    ConfigError,
+    check_checkpoint_matches,
+    check_checkpoint_task,
     check_num_classes,
+    explain_parse_error,
     requested_num_classes,
     validate_run_config,
 )
@@ -49,6 +55,18 @@ def _description() -> str:
 
 def _as_list(value: Any) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _subcommand_parser(parser: LightningArgumentParser, args: Any) -> LightningArgumentParser:
+    """The parser of the subcommand named in ``args`` (the root parser when none is)."""
+    subcommand = next((arg for arg in args or sys.argv[1:] if arg in SUBCOMMANDS), None)
+    for action in parser._actions:
+        if isinstance(action.choices, dict) and subcommand in action.choices:
+            return action.choices[subcommand]
+    return parser
 
 
 class _HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
@@ -98,11 +116,37 @@ class SwinLabCLI(LightningCLI):
             help="fit only: also refresh last.ckpt every this many minutes of training (null: off).",
         )
         parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit only: start a new run even though the checkpoint folder holds a run's checkpoints (deleted "
+            "first). Without it such a fit refuses to start; resume it with --ckpt_path last instead.",
+        )
+        parser.add_argument(
+            "--collective_timeout",
+            type=float,
+            default=600.0,
+            help="DDP: seconds a collective (gradient all-reduce, barrier) waits for the other processes before "
+            "failing, so a dead process stops the run instead of hanging it.",
+        )
+        parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
             help="fit only: after fitting, run the test loop on the best checkpoint (the final weights if none).",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, turning an unknown key into a ``ConfigError`` naming the closest valid keys, and check a
+        ``--ckpt_path`` file before LightningCLI applies its hyper-parameters to the model config."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise ConfigError(explain_parse_error(str(err), _subcommand_parser(parser, args))) from None
+        config = self.config.get(self.config.get("subcommand") or "", self.config)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
+            check_checkpoint_task(ckpt_path, config.model)
 
     def _subcommand_config(self, config: Any = None) -> Any:
         """The part of ``config`` (default: the parsed ``self.config``) for the running subcommand."""
@@ -116,6 +160,7 @@ class SwinLabCLI(LightningCLI):
             # A fixed folder, so ``--ckpt_path last`` in a later run finds ``last.ckpt``.
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         validate_run_config(config, self.subcommand)
+        self._run_lock = RunFolderLock(root)
         self._requested_num_classes = requested_num_classes(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -130,8 +175,16 @@ class SwinLabCLI(LightningCLI):
         plugins = _as_list(kwargs.get("plugins", trainer_init.get("plugins")))
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        strategy = kwargs.get("strategy", trainer_init.get("strategy"))
+        # A dead process makes the others fail after collective_timeout instead of waiting forever in a collective.
+        entry = StrategyRegistry[strategy] if isinstance(strategy, str) and strategy in StrategyRegistry else None
+        if entry is not None and issubclass(entry["strategy"], DDPStrategy):
+            timeout = timedelta(seconds=config.collective_timeout)
+            kwargs["strategy"] = entry["strategy"](**{**entry["init_params"], "timeout": timeout})
         resume_checkpoints = self._resume_checkpoint()
         extra = [ResumePosition(), PreemptionCheckpoint(), BadSampleReport(), *resume_checkpoints, *self._observers()]
+        if self.subcommand == "fit":
+            extra.append(self._run_lock)  # released by the trainer on an exception
         kwargs["callbacks"] = [*_as_list(kwargs.get("callbacks", trainer_init.get("callbacks"))), *extra]
         trainer = super().instantiate_trainer(**kwargs)
         # ``trainer.checkpoint_callback`` (what ``best`` and ``test_after_fit`` use) is the first ModelCheckpoint:
@@ -172,12 +225,25 @@ class SwinLabCLI(LightningCLI):
     def _check_before_run(self) -> None:
         # The checkpoint first: LightningCLI copies its hyper-parameters (num_classes too) into the config.
         ckpt_path = self._subcommand_config().get("ckpt_path")
-        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
-            check_checkpoint_classes(ckpt_path, self.datamodule)
+        if ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
+            check_checkpoint_matches(ckpt_path, self.model, self.datamodule)
         check_num_classes(self.model, self.datamodule, self._requested_num_classes)
 
     def before_fit(self) -> None:
+        """One fit at a time per run folder: rank 0 (before it starts the other DDP processes) takes the folder's
+        lock, then refuses a fresh fit into a folder that holds a run's checkpoints (``--overwrite true`` deletes
+        them, which is safe only once the lock is held). ``after_fit`` or, on an exception, the trainer releases it."""
         self._check_before_run()
+        config = self._subcommand_config()
+        if rank_zero_only.rank != 0:
+            return
+        self._run_lock.acquire()
+        try:
+            if config.get("ckpt_path") is None:
+                check_fresh_run_folder(config.checkpoint.dirpath, config.overwrite)
+        except BaseException:
+            self._run_lock.release()
+            raise
 
     def before_validate(self) -> None:
         self._check_before_run()
@@ -189,11 +255,13 @@ class SwinLabCLI(LightningCLI):
         self._check_before_run()
 
     def after_fit(self) -> None:
-        if not self._subcommand_config().test_after_fit:
-            return
-        checkpoint = self.trainer.checkpoint_callback
-        ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        try:
+            if self._subcommand_config().test_after_fit:
+                checkpoint = self.trainer.checkpoint_callback
+                ckpt_path = "best" if checkpoint is not None and checkpoint.best_model_path else None
+                self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
+        finally:
+            self._run_lock.release()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SwinLabCLI:
@@ -213,7 +281,16 @@ def main(args: list[str] | None = None, run: bool = True) -> SwinLabCLI:
         auto_configure_optimizers=False,
         # ``omegaconf+`` resolves ``${...}`` after all configs and command-line overrides are merged, so a value
         # such as the image size is set once, and overriding it on the command line reaches every use.
-        parser_kwargs={"parser_mode": "omegaconf+", "description": _description(), "formatter_class": _HelpFormatter},
+        # Parse errors raise (``exit_on_error``) so that ``parse_arguments`` can name the closest valid key; no
+        # abbreviated flags (``--trainer.max_epoch`` would silently mean ``max_epochs``).
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "description": _description(),
+            "formatter_class": _HelpFormatter,
+            "exit_on_error": False,
+            "allow_abbrev": False,
+            **{subcommand: {"exit_on_error": False, "allow_abbrev": False} for subcommand in SUBCOMMANDS},
+        },
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

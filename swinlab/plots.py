@@ -220,8 +220,10 @@ class EvaluationPictures(Callback):
     def _write(self, trainer: Trainer, stage: str) -> None:
         # Every process updated the confusion matrix; computing it is a collective, so all of them do.
         confusion = self.confusion.compute() if self.confusion is not None else None
+        # ``trainer.log_dir`` broadcasts rank 0's folder (a collective too): asked on rank 0 alone, it waits for a
+        # broadcast the other ranks never join, or pairs with their next collective.
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
             if confusion is not None:
                 self._write_classification(trainer, confusion, folder, stage)
             if self.pairs:

@@ -5,18 +5,23 @@ Each problem is reported with its config key and the fix, all problems of a conf
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from swinlab.checkpointing import load_checkpoint_safely
+from swinlab.checkpointing import CheckpointFileError, read_checkpoint_file
 from swinlab.models import SwinTransformer, create_model, list_models
+from swinlab.models.pretrained import to_swinlab_layout
 
 # Data-module arguments that name a folder the data must already be in.
 DATA_PATH_KEYS: tuple[str, ...] = ("data_dir", "root", "data_root")
+# Suffixes that make a ``pretrained`` value a local file (not a Hub name), checked before anything is built.
+CKPT_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin", ".safetensors")
 
 
 class ConfigError(ValueError):
@@ -109,6 +114,7 @@ def validate_run_config(config: Any, subcommand: str | None = None) -> None:
     problems += data_problems(_get(config, "data"), subcommand)
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    pretrained_file_problems(model_args)
 
 
 def requested_num_classes(config: Any) -> int | None:
@@ -145,16 +151,164 @@ def check_num_classes(model: Any, datamodule: Any, requested: int | None = None)
             )
 
 
-def check_checkpoint_classes(ckpt_path: str | Path, datamodule: Any) -> None:
-    """A checkpoint to resume or evaluate must have been trained on as many classes as the data has."""
-    data_classes = getattr(datamodule, "num_classes", None)
-    if not isinstance(data_classes, int) or not Path(ckpt_path).is_file():
+def pretrained_file_problems(model_args: Any) -> None:
+    """Raise a ``CheckpointFileError`` when ``pretrained`` names a local file that is not a usable checkpoint, or
+    one that holds none of the backbone's weights (a checkpoint of another model); Hub names are left to the
+    loader."""
+    pretrained = _get(model_args, "pretrained")
+    if not isinstance(pretrained, str) or not (Path(pretrained).exists() or Path(pretrained).suffix in CKPT_SUFFIXES):
         return
-    checkpoint = load_checkpoint_safely(ckpt_path, map_location="cpu")
-    saved = _get(checkpoint.get("hyper_parameters"), "num_classes")
-    if isinstance(saved, int) and saved != data_classes:
-        raise ConfigError(
-            f"--ckpt_path {ckpt_path} was trained with num_classes={saved} but the data has {data_classes} classes; "
-            "resume only with the data it was trained on, or fine-tune from it with model.init_args.pretrained "
-            "(the head is then re-initialised)"
+    what = "model.init_args.pretrained"
+    contents = read_checkpoint_file(pretrained, what)
+    backbone, kwargs = _get(model_args, "backbone"), dict(_get(model_args, "backbone_kwargs") or {})
+    if not isinstance(backbone, str) or backbone not in list_models():
+        return
+    try:  # on the CPU: the constructor reads values (``.tolist()``), which the meta device cannot give
+        wanted = set(create_model(backbone, **kwargs).state_dict())
+    except (ValueError, TypeError, RuntimeError):
+        return  # reported by backbone_problems
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(contents, dict) and isinstance(contents.get(key), dict):
+            contents = contents[key]
+            break
+    tensors = {k: v for k, v in contents.items() if isinstance(v, torch.Tensor)} if isinstance(contents, dict) else {}
+    found = wanted & set(to_swinlab_layout(tensors))
+    if len(found) < len(wanted) // 2:
+        raise CheckpointFileError(
+            f"{what} {pretrained}: holds {len(found)} of the {len(wanted)} weights of backbone {backbone} "
+            f"(it is not a checkpoint of this model; its keys start {', '.join(list(tensors)[:3]) or 'with nothing'})"
         )
+
+
+def check_checkpoint_matches(ckpt_path: str | Path, model: Any, datamodule: Any) -> None:
+    """A checkpoint to resume or evaluate must be one of this task and model (same weights by name and shape) and
+    must have been trained on as many classes as the data has."""
+    checkpoint = read_checkpoint_file(ckpt_path, "--ckpt_path")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        found = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointFileError(
+            f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (no state_dict; found {found[:120]}); weights of a "
+            "backbone alone go in model.init_args.pretrained"
+        )
+    hparams = checkpoint.get("hyper_parameters") or {}
+    saved_class = _get(hparams, "_class_path")
+    task = f"{type(model).__module__}.{type(model).__name__}"
+    of = f"a checkpoint of {saved_class} (backbone {_get(hparams, 'backbone')})" if saved_class else "a checkpoint"
+    running = f"{task} (backbone {getattr(model, 'hparams', {}).get('backbone')})"
+    if isinstance(saved_class, str) and saved_class.rsplit(".", 1)[-1] != type(model).__name__:
+        raise CheckpointFileError(f"--ckpt_path {ckpt_path}: {of}, but this run is {running}")
+    data_classes = getattr(datamodule, "num_classes", None)
+    saved_classes = _get(hparams, "num_classes")
+    if isinstance(data_classes, int) and isinstance(saved_classes, int) and saved_classes != data_classes:
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path} was trained with num_classes={saved_classes} but the data has {data_classes} "
+            "classes; resume only with the data it was trained on, or fine-tune from it with "
+            "model.init_args.pretrained (the head is then re-initialised)"
+        )
+    saved, wanted = checkpoint["state_dict"], model.state_dict()
+    missing, unexpected = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    if missing or unexpected:
+        raise CheckpointFileError(
+            f"--ckpt_path {ckpt_path}: {of} whose weights do not fit {running}: {len(missing)} of the model's "
+            f"weights are missing (first: {', '.join(missing[:2]) or '-'}), {len(unexpected)} have no place in it "
+            f"(first: {', '.join(unexpected[:2]) or '-'})"
+        )
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor) and value.shape != wanted[key].shape:
+            raise CheckpointFileError(
+                f"--ckpt_path {ckpt_path}: {of} whose weight {key} is {tuple(value.shape)} but {running} has "
+                f"{tuple(wanted[key].shape)}; check backbone and backbone_kwargs"
+            )
+
+
+def check_checkpoint_task(ckpt_path: str | Path, model_config: Any) -> None:
+    """Before LightningCLI applies a ``--ckpt_path`` file's hyper-parameters to the config: the file must be a
+    readable checkpoint, and one of the task the config names (else LightningCLI would switch the task to the
+    checkpoint's)."""
+    checkpoint = read_checkpoint_file(ckpt_path, "--ckpt_path")
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    saved, wanted = _get(hparams, "_class_path"), _get(model_config, "class_path")
+    if isinstance(saved, str) and isinstance(wanted, str) and saved.rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1]:
+        raise CheckpointFileError(
+            f"--ckpt_path {ckpt_path}: a checkpoint of {saved} (backbone {_get(hparams, 'backbone')}), but this run's "
+            f"model is {wanted}; pass a checkpoint of that task, or a config of {saved.rsplit('.', 1)[-1]}"
+        )
+
+
+def _parser_keys(parser: Any) -> list[str]:
+    skip = ("help", "config", "print_config")
+    return [action.dest for action in parser._actions if action.dest not in skip and not action.dest.endswith(".help")]
+
+
+def _class_keys(class_path: str) -> list[str]:
+    """The init argument names jsonargparse accepts for ``class_path``."""
+    from jsonargparse import ArgumentParser
+
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(getattr(importlib.import_module(module_name), class_name))
+    except (ImportError, AttributeError, ValueError):
+        return []
+    return _parser_keys(parser)
+
+
+_PARSE_TOKENS = re.compile(
+    r"Parser key \"(?P<key>[^\"]+)\"|class_path '(?P<class_path>[^']+)'|Option '(?P<option>[^']+)' is not accepted"
+)
+
+
+def explain_parse_error(message: str, parser: Any) -> str:
+    """jsonargparse's error ``message`` for ``parser`` (the subcommand's), rewritten where it is an unknown key:
+    ``unknown key model.init_args.backbon; did you mean model.init_args.backbone?``; other messages unchanged."""
+    unknown = re.search(r"unrecognized arguments: (.+)", message)
+    flags = unknown.group(1).split() if unknown else re.findall(r"does not accept option '([^']+)'", message)
+    if flags:
+        keys = [flag.lstrip("-").split("=", 1)[0] for flag in flags]
+        return "; ".join(_unknown_key(key, _closest(key, _parser_keys(parser))) for key in keys)
+    path, class_path = [], None
+    for token in _PARSE_TOKENS.finditer(message):
+        if token["key"]:
+            path.append(token["key"])
+        elif token["class_path"]:
+            class_path = token["class_path"]
+            path.append("init_args")
+        else:
+            # A callable's class (an optimizer) is named after the option: "... Got value: Namespace(class_path=...".
+            line_end = message.find("\n", token.end())
+            inner = re.search(r"class_path='([^']+)'", message[token.end() : None if line_end < 0 else line_end])
+            if inner:
+                class_path = inner.group(1)
+                path.append("init_args")
+            prefix = ".".join(path)
+            known = [f"{prefix}.{name}" for name in _class_keys(class_path or "")]
+            key = f"{prefix}.{token['option']}"
+            # A dict value under a misspelt key arrives as its inner keys (``backbone_kwarg.window``): name the
+            # longest part of the key that has a close valid one.
+            parts = key.split(".")
+            for end in range(len(parts), len(path), -1):
+                close = _closest(".".join(parts[:end]), known)
+                if close:
+                    return _unknown_key(".".join(parts[:end]), close, class_path)
+            return _unknown_key(key, [], class_path)
+    return message
+
+
+def _closest(key: str, known: list[str]) -> list[str]:
+    """Up to three of ``known`` whose last part is close to ``key``'s (on whole keys, the shared ``model.init_args.``
+    would make any two keys of a class look alike), the closest whole keys first."""
+    leaf = key.rsplit(".", 1)[-1]
+    close = set(difflib.get_close_matches(leaf, {name.rsplit(".", 1)[-1] for name in known}, n=3, cutoff=0.75))
+    candidates = [name for name in known if name.rsplit(".", 1)[-1] in close]
+    return sorted(candidates, key=lambda name: -difflib.SequenceMatcher(None, key, name).ratio())[:3]
+
+
+def _unknown_key(key: str, close: list[str], class_path: str | None = None) -> str:
+    where = f" of {class_path}" if class_path else ""
+    if close:
+        hint = f"did you mean {' or '.join(f'`{name}`' for name in close)}?"
+    elif class_path:
+        hint = f"--{key.rsplit('.init_args.', 1)[0]}.help {class_path} lists its keys"
+    else:
+        hint = "--help lists the valid keys"
+    return f"unknown config key `{key}`{where} (command line or --config file); {hint}"

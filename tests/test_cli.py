@@ -139,11 +139,6 @@ def test_num_classes_is_linked_from_the_data_module(tiny_swin, image_folder, fas
     assert type(cli.model).__name__ == "BoringModel"
 
 
-@pytest.mark.xfail(
-    reason="known regression, open: under 2-process gloo DDP one rank crashes in the validation loop since the "
-    "evaluation-pictures / bad-sample-report callbacks were added (issues 17, 19); to fix next session",
-    strict=False,
-)
 def test_ddp_fit_and_predict_on_two_cpu_processes(tiny_swin, fashion_mnist_dir, predict_folder, tmp_path):
     common = [
         *fashion_args(fashion_mnist_dir, tiny_swin),

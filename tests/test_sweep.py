@@ -115,7 +115,7 @@ def test_timm_backbone_point_gets_params_macs_and_throughput(tmp_path, fashion_m
 
 
 def test_failing_points_are_logged_recorded_and_the_others_still_run(tmp_path, fashion_mnist_dir, tiny_swin, caplog):
-    """A point the CLI parser rejects (unknown option) and one swinlab's config check rejects (negative lr) come first;
+    """A point the CLI parser rejects (unknown key) and one swinlab's config check rejects (negative lr) come first;
     the sweep logs both, runs the last point, lists the two under "Failed runs" and returns 2 (its exit code)."""
     grid = tmp_path / "grid.yaml"
     points = [{"model.init_args.no_such_option": 1}, {"model.init_args.optimizer.init_args.lr": -1.0}, {}]
@@ -128,13 +128,14 @@ def test_failing_points_are_logged_recorded_and_the_others_still_run(tmp_path, f
     assert "sweep point no_such_option=1 seed 3 failed" in caplog.text
     assert "sweep point lr=-1.0 seed 3 failed" in caplog.text
     assert [(r["point"], r["seed"]) for r in read_results(out)] == [("base", "3")]  # the finished run only
-    for name, error in (("no_such_option=1", "SystemExit: 2"), ("lr=-1.0", "ConfigError: invalid configuration")):
+    unknown_key = "ConfigError: unknown config key `model.init_args.no_such_option` of swinlab.tasks.ClassificationTask"
+    for name, error in (("no_such_option=1", unknown_key), ("lr=-1.0", "ConfigError: invalid configuration")):
         failure = json.loads((out / name / "seed3" / "failed.json").read_text())
         assert failure["seed"] == 3 and failure["error"].startswith(error), failure
         assert not (out / name / "seed3" / "result.json").exists()  # so the next start retries it
     failed_table = (out / "results.md").read_text().split("## Failed runs")[1]
     assert "| lr=-1.0 | 3 | - model.init_args.optimizer.init_args.lr=-1.0 must be > 0" in failed_table
-    assert "| no_such_option=1 | 3 | SystemExit: 2 |" in failed_table
+    assert f"| no_such_option=1 | 3 | {unknown_key} (command line or --config file); --model.help " in failed_table
     caplog.clear()
     assert sweep.main([*args, "--dry-run"]) == 0
     assert "3 points x 1 seeds, 2 to run" in caplog.text

@@ -252,7 +252,9 @@ class BadSampleReport(Callback):
             dist.all_gather_object(gathered, (samples, skipped))
             samples = sum(count for count, _ in gathered)
             skipped = {key: reason for _, per_rank in gathered for key, reason in per_rank.items()}
-        pl_module.log(f"{stage}/bad_samples", float(len(skipped)), on_step=False, on_epoch=True)
+        # Already the total of every rank; sync_dist (a mean of equal values) tells Lightning so, which would
+        # otherwise warn that an unsynced epoch metric is one rank's.
+        pl_module.log(f"{stage}/bad_samples", float(len(skipped)), on_step=False, on_epoch=True, sync_dist=True)
         if skipped and trainer.is_global_zero:
             first = [skipped[key] for key in sorted(skipped)[:REPORTED_FILES]]
             more = f" (and {len(skipped) - len(first)} more)" if len(skipped) > len(first) else ""
