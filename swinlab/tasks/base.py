@@ -147,6 +147,9 @@ class SwinTask(LightningModule, ABC):
         return torch.zeros(1, *self.example_image_shape())
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The largest group's lr: with layer decay the head's, the schedule's own value.
+        lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
+        self.log("train/lr", lr, batch_size=batch_size(batch))
         images = batch_images(batch)
         # Lists of images of their own sizes (detection) are not counted.
         if isinstance(images, torch.Tensor):

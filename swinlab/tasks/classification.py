@@ -155,7 +155,6 @@ class ClassificationTask(SwinTask):
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self(images), targets)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", max(group["lr"] for group in self.trainer.optimizers[0].param_groups))
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

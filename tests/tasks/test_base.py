@@ -97,6 +97,9 @@ def test_every_task_logs_train_val_and_test_keys_in_their_stage(task_and_data, t
     trainer.fit(task, datamodule=data)
     fit_keys = set(trainer.logged_metrics)
     assert "train/loss" in fit_keys and any(key.startswith("val/") for key in fit_keys), fit_keys
+    # Every task logs the step's lr (the curves picture draws it): at most the schedule's peak.
+    peak = max(group.get("initial_lr", group["lr"]) for group in trainer.optimizers[0].param_groups)
+    assert 0 < trainer.logged_metrics["train/lr"] <= peak
     assert all(key.startswith(("train/", "val/")) for key in fit_keys), fit_keys
     (validated,) = trainer.validate(task, datamodule=data)
     (tested,) = trainer.test(task, datamodule=data)
