@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from huggingface_hub import constants
 
-from tests.helpers import TINY_SWIN, write_idx, write_images
+from tests.helpers import TINY_SWIN, write_fashion_mnist, write_images
 
 
 # A Swin small enough for CPU tests: two stages, 32x32 input, 4x4 windows.
@@ -42,13 +42,9 @@ def predict_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def fashion_mnist_dir(tmp_path: Path) -> Path:
     """The four Fashion-MNIST idx .gz files with 40 training and 20 test images (random pixels, all 10 labels)."""
-    rng = np.random.default_rng(0)
     root = tmp_path / "fashion-mnist"
     root.mkdir()
-    for split, count in (("train", 40), ("t10k", 20)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
-    return root
+    return write_fashion_mnist(root)
 
 
 @pytest.fixture

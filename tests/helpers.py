@@ -45,6 +45,15 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+def write_fashion_mnist(root: Path) -> Path:
+    """The four Fashion-MNIST idx .gz files in ``root``: 40 training and 20 test images (random pixels, labels 0-9)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 40), ("t10k", 20)):
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    return root
+
+
 SCRIPTS = ROOT / "scripts"
 
 

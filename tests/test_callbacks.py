@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -26,7 +25,7 @@ from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.cli import main
 from swinlab.data import FashionMNISTDataModule
 from swinlab.tasks import ClassificationTask
-from tests.helpers import ROOT, TINY_SWIN, write_idx
+from tests.helpers import ROOT, TINY_SWIN, write_fashion_mnist
 
 
 class NaNLossAt(ClassificationTask):
@@ -153,12 +152,7 @@ def last_checkpoint(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """Fashion-MNIST idx files with 40 training images (as the ``fashion_mnist_dir`` fixture), shared by the module."""
-    root = tmp_path_factory.mktemp("fashion-mnist")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 40), ("t10k", 20)):
-        write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-        write_idx(root / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
-    return root
+    return write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
 
 
 @pytest.fixture(scope="module")
@@ -217,17 +211,6 @@ def test_atomic_save_keeps_the_previous_checkpoint_when_interrupted(tmp_path, mo
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"], "the partial file is removed"
 
 
-class SendAtStep(Callback):
-    """Sends ``signum`` to this process once, at the end of optimizer step ``step`` (in-process runs)."""
-
-    def __init__(self, step: int, signum: int) -> None:
-        self.step, self.signum = step, signum
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
-
-
 def grey_batches(count: int = 12) -> DataLoader:
     images = torch.rand(count, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     return DataLoader(TensorDataset(images, torch.arange(count) % 10), batch_size=2)
@@ -257,7 +240,7 @@ def test_slurm_requeue_signal_saves_last_and_requeues_the_job(tmp_path, monkeypa
         logger=False,
         enable_progress_bar=False,
         plugins=[SLURMEnvironment(auto_requeue=True, requeue_signal=signal.SIGUSR1)],
-        callbacks=[preemption, SendAtStep(2, signal.SIGUSR1), ModelCheckpoint(dirpath=tmp_path, save_top_k=0)],
+        callbacks=[preemption, SignalAtStep(2, signal.SIGUSR1), ModelCheckpoint(dirpath=tmp_path, save_top_k=0)],
     )
     previous = signal.getsignal(signal.SIGUSR1)
     try:
@@ -281,7 +264,7 @@ def test_sigterm_without_slurm_saves_last_and_does_not_requeue(tmp_path, monkeyp
         limit_val_batches=0,
         logger=False,
         enable_progress_bar=False,
-        callbacks=[PreemptionCheckpoint(), SendAtStep(3, signal.SIGTERM)],
+        callbacks=[PreemptionCheckpoint(), SignalAtStep(3, signal.SIGTERM)],
         default_root_dir=tmp_path,
         enable_checkpointing=False,
     )

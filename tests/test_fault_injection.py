@@ -15,7 +15,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -33,7 +32,7 @@ from swinlab.checkpointing import (
 from swinlab.cli import main
 from swinlab.tasks import ClassificationTask
 from swinlab.validation import ConfigError
-from tests.helpers import ROOT, TINY_SWIN, write_idx
+from tests.helpers import ROOT, TINY_SWIN, write_fashion_mnist
 
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
@@ -74,11 +73,7 @@ def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def one_finished_run(tmp_path_factory) -> Path:
     """A finished run (fit once per module: the tests that need one get a copy)."""
-    data_dir = tmp_path_factory.mktemp("fashion-mnist")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 40), ("t10k", 20)):
-        write_idx(data_dir / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-        write_idx(data_dir / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    data_dir = write_fashion_mnist(tmp_path_factory.mktemp("fashion-mnist"))
     root = tmp_path_factory.mktemp("finished") / "run"
     main(fit_args(data_dir, root))
     assert (root / "checkpoints" / "last.ckpt").is_file()
