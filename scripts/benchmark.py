@@ -24,6 +24,13 @@ bf16 autocast).
     python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 1 --clock thread \\
         --impls timm swinlab onnx-fp32 onnx-int8-dynamic onnx-opt-fp32 onnx-opt-int8 swinlab-bf16
 
+``swinlab-compiled`` is swinlab under ``torch.compile`` in any mode and on any device, whatever ``--compile`` says, so
+that the compiled model is timed in alternation with the eager peers; ``swinlab-compiled-fused`` also trains with
+``AdamW(fused=True)``:
+
+    python scripts/benchmark.py --sizes t --batch-sizes 8 --modes train --threads 2 \\
+        --impls timm swinlab swinlab-compiled swinlab-compiled-fused
+
 ``--clock thread`` (CPU, one thread) times each step by the CPU time of the calling thread, where torch and
 onnxruntime then do all their work, so time the core spends on other processes is not counted.
 
@@ -71,7 +78,10 @@ ONNX_IMPLEMENTATIONS = (
     "onnx-opt-int8-static",
 )
 FAST_PATHS = (*ONNX_IMPLEMENTATIONS, "swinlab-bf16")
-IMPLEMENTATIONS = ("swinlab", *PEERS, *FAST_PATHS)
+# swinlab under torch.compile whatever --compile says, so that it is timed in alternation with the eager peers (what
+# `compile: true` in a task gives); "-fused" also steps AdamW(fused=True) instead of the default foreach AdamW.
+COMPILED_SWINLAB = ("swinlab-compiled", "swinlab-compiled-fused")
+IMPLEMENTATIONS = ("swinlab", *PEERS, *COMPILED_SWINLAB, *FAST_PATHS)
 # size -> (swinlab name, timm name, torchvision builder, the paper's stochastic-depth rate)
 MODELS = {
     "t": ("swin_t", "swin_tiny_patch4_window7_224", torchvision.models.swin_t, 0.2),
@@ -103,7 +113,7 @@ def build_model(
 ) -> nn.Module:
     """One implementation of Swin-{T,S,B}, window 7, randomly initialised (no weights are downloaded)."""
     swinlab_name, timm_name, torchvision_builder, drop_path = MODELS[size]
-    if impl == "swinlab":
+    if impl in ("swinlab", *COMPILED_SWINLAB):
         return create_model(
             swinlab_name,
             num_classes=num_classes,
@@ -167,9 +177,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_step(
-    model: nn.Module, mode: str, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype | None
+    model: nn.Module,
+    mode: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    dtype: torch.dtype | None,
+    fused_optimizer: bool = False,
 ) -> Callable[[], None]:
-    """A closure running one inference or training step on ``images`` (B, 3, 224, 224); ``dtype`` turns on autocast."""
+    """A closure running one inference or training step on ``images`` (B, 3, 224, 224); ``dtype`` turns on autocast,
+    ``fused_optimizer`` trains with ``AdamW(fused=True)`` (one kernel for all parameters) instead of the default."""
     device = images.device
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -184,7 +200,7 @@ def make_step(
 
         return step
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_optimizer or None)
 
     def step() -> None:
         with autocast():
@@ -257,6 +273,7 @@ def benchmark_config(
     image_size: int = 224,
     swinlab_attention: str = "auto",
     clock: Callable[[], float] = time.perf_counter,
+    compile_backend: str = "inductor",
 ) -> list[Result]:
     """Times every implementation on the same batch, in alternation; returns one Result per implementation.
 
@@ -277,9 +294,10 @@ def benchmark_config(
         else:
             torch.manual_seed(0)
             model = build_model(impl, size, num_classes, image_size, swinlab_attention).to(device)
-            if compiled:
-                model = torch.compile(model)
-            steps[impl] = make_step(model, mode, images, labels, PRECISIONS[precision])
+            if compiled or impl in COMPILED_SWINLAB:
+                model = torch.compile(model, backend=compile_backend)
+            fused = impl == "swinlab-compiled-fused"
+            steps[impl] = make_step(model, mode, images, labels, PRECISIONS[precision], fused_optimizer=fused)
         for _ in range(warmup):
             steps[impl]()
         synchronize(device)
@@ -370,6 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-tf32", action="store_true", help="strict fp32 matmuls and convolutions on CUDA")
     parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"], help="torch.compile each model")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
     parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation (compile happens here)")
@@ -435,6 +454,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
                             args.image_size,
                             args.swinlab_attention,
                             CLOCKS[args.clock],
+                            args.compile_backend,
                         )
                         for row in rows:
                             print(
@@ -455,6 +475,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "tf32": device.type == "cuda" and not args.no_tf32,
         "swinlab_attention": args.swinlab_attention,
         "clock": args.clock,
+        "compile_backend": args.compile_backend,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
 import socket
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+
+from swinlab.models.checkpoint_file import first_line, read_checkpoint_file
 
 # Not "last..." and not ".ckpt": Lightning's ``ckpt_path="last"`` search must never pick a half-written file.
 _PARTIAL_SUFFIX = ".partial"
@@ -39,56 +38,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-class CheckpointFileError(ValueError):
-    """A checkpoint file that cannot be used; the one-line message names the file and what is wrong."""
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def read_checkpoint_file(path: str | Path, what: str = "--ckpt_path", map_location: Any = "cpu") -> Any:
-    """The contents of a local checkpoint file (``torch.load`` with ``weights_only=True``, or safetensors), or a
-    ``CheckpointFileError`` naming ``what`` (the option that gave it), the file and the problem: missing, empty,
-    not a checkpoint, truncated, or a pickle that would run code (nothing in it runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointFileError(f"{what} {path}: no such file")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointFileError(f"{what} {path}: the file is empty (0 bytes), a save that never finished")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:
-            raise CheckpointFileError(f"{what} {path}: not a complete safetensors file ({_first_line(err)})") from None
-    with path.open("rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
-        raise CheckpointFileError(
-            f"{what} {path}: truncated checkpoint ({size} bytes, the end of its zip archive is missing), a save that "
-            "was cut short; use an earlier checkpoint"
-        )
-    if not head.startswith((b"PK", b"\x80")):
-        raise CheckpointFileError(
-            f"{what} {path}: not a PyTorch checkpoint (it starts with {head!r}; a .ckpt/.pth file is a zip archive "
-            "written by torch.save)"
-        )
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        raise CheckpointFileError(
-            f"{what} {path}: refused, it holds pickled Python objects other than tensors and plain values "
-            f"({found.group(1) if found else _first_line(err)}), which would run code when loaded; re-save only the "
-            "weights from a copy you trust (torch.save(model.state_dict(), path)) or convert it to .safetensors"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        raise CheckpointFileError(f"{what} {path}: corrupt or truncated checkpoint ({_first_line(err)})") from None
 
 
 def load_checkpoint_safely(path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> Any:
@@ -148,7 +97,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 Path(partial).unlink(missing_ok=True)
             cause = _os_error(err)
             if cause is not None:
-                reason = os.strerror(cause.errno) if cause.errno else _first_line(cause)
+                reason = os.strerror(cause.errno) if cause.errno else first_line(cause)
                 raise CheckpointSaveError(
                     f"cannot save checkpoint {target.name} in {target.parent}: {reason}; the checkpoints already "
                     "there are intact. Free space or make the folder writable, then resume with --ckpt_path last"

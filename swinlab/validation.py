@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from swinlab.checkpointing import CheckpointFileError, read_checkpoint_file
 from swinlab.models import SwinTransformer, create_model, list_models
+from swinlab.models.checkpoint_file import CheckpointFileError, read_checkpoint_file
 from swinlab.models.pretrained import to_swinlab_layout
 
 # Data-module arguments that name a folder the data must already be in.

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from swinlab.checkpointing import AtomicCheckpointIO, CheckpointFileError
+from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.cli import main
 from swinlab.models import create_model, load_pretrained
+from swinlab.models.checkpoint_file import CheckpointFileError
 from tests.helpers import ROOT
 
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
@@ -38,7 +39,7 @@ def crafted(tmp_path, tiny_swin) -> tuple[Path, Path]:
 
 def test_pretrained_loading_refuses_a_pickle_that_runs_code(crafted, tiny_swin):
     path, marker = crafted
-    with pytest.raises(ValueError, match=r"crafted\.ckpt is not a checkpoint that can be loaded safely"):
+    with pytest.raises(ValueError, match=r"crafted\.ckpt: refused, it holds pickled Python objects"):
         load_pretrained(create_model("swin_t", num_classes=10, **tiny_swin), path)
     assert not marker.exists()
 

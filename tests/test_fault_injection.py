@@ -22,14 +22,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 
 from swinlab.__main__ import run as command_line
-from swinlab.checkpointing import (
-    LOCK_NAME,
-    CheckpointFileError,
-    CheckpointSaveError,
-    RunFolderError,
-    RunFolderLock,
-)
+from swinlab.checkpointing import LOCK_NAME, CheckpointSaveError, RunFolderError, RunFolderLock
 from swinlab.cli import main
+from swinlab.models.checkpoint_file import CheckpointFileError
 from swinlab.tasks import ClassificationTask
 from swinlab.validation import ConfigError
 from tests.helpers import ROOT, TINY_SWIN, write_fashion_mnist

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swinlab.models.checkpoint_file import read_checkpoint_file
 from swinlab.models.hub import resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -35,31 +36,15 @@ class LoadResult(NamedTuple):
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (.pth/.pt/.ckpt/.bin or .safetensors), unwrapped from ``model``/``state_dict``."""
-    path = resolve_weights(path)  # a file path, or Hub weights by name (swinlab.models.hub)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pth or .safetensors file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{path} is not a checkpoint that can be loaded safely (torch.load with weights_only=True failed: "
-            f"{str(err).splitlines()[0]}). swinlab never unpickles code; re-save the weights as a plain state "
-            f"dict or as .safetensors"
-        ) from err
+    # A file path, or Hub weights by name (swinlab.models.hub); never unpickles code (CheckpointFileError otherwise).
+    obj = read_checkpoint_file(resolve_weights(path), "checkpoint")
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
-            f"{path} does not hold a state dict of tensors (found {type(obj).__name__}"
+            f"checkpoint {path} does not hold a state dict of tensors (found {type(obj).__name__}"
             f"{' with keys ' + ', '.join(list(map(str, obj))[:5]) if isinstance(obj, dict) else ''}); "
             "expected an official Swin .pth (key 'model'), a timm state dict, or a Lightning checkpoint"
         )

@@ -41,13 +41,24 @@ def test_model_benchmark_writes_every_implementation_and_mode(tmp_path: Path, ca
             "10",
             "--threads",
             "1",
+            "--impls",
+            "swinlab",
+            "timm",
+            "torchvision",
+            "swinlab-compiled",
+            "swinlab-compiled-fused",
+            # Dynamo + AOTAutograd without inductor's C++ build: the compiled paths run, in seconds.
+            "--compile-backend",
+            "aot_eager",
             "--json",
             str(out),
         ]
     )
     report = json.loads(out.read_text())
     rows = {(r["impl"], r["mode"]): r for r in report["results"]}
-    assert set(rows) == {(impl, mode) for impl in ("swinlab", "timm", "torchvision") for mode in ("infer", "train")}
+    impls = ("swinlab", "timm", "torchvision", "swinlab-compiled", "swinlab-compiled-fused")
+    assert set(rows) == {(impl, mode) for impl in impls for mode in ("infer", "train")}
+    assert report["meta"]["compile_backend"] == "aot_eager"
     for row in rows.values():
         assert row["images_per_s"] > 0 and row["peak_memory_mb"] is not None and len(row["step_times_s"]) == 1
     assert report["meta"]["device"] and report["meta"]["torch_threads"] == 1
