@@ -36,8 +36,8 @@ class LoadResult(NamedTuple):
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (.pth/.pt/.ckpt/.bin or .safetensors), unwrapped from ``model``/``state_dict``."""
-    # A file path, or Hub weights by name (swinlab.models.hub); never unpickles code (CheckpointFileError otherwise).
-    obj = read_checkpoint_file(resolve_weights(path), "checkpoint")
+    path = resolve_weights(path)  # a file path, or Hub weights by name (swinlab.models.hub)
+    obj = read_checkpoint_file(path, "checkpoint")  # never unpickles code (CheckpointFileError otherwise)
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
