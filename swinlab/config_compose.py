@@ -9,7 +9,16 @@ A variant states only what differs from its base recipe (model size, schedule, d
 
 Rules: ``__base__`` is a path or a list of paths, relative to the file that names them. Bases are composed
 recursively and merged in the order listed, then the file itself on top. Merging is key by key for mappings;
-any other value (scalar, list, null) from a later file replaces the earlier one. ``${...}`` interpolations are
+any other value (scalar, list, null) from a later file replaces the earlier one. Two exceptions replace a mapping
+instead of merging into it: a ``class_path`` naming another class than the base's (its ``init_args`` would not fit
+the new class: an ``SGD`` variant of an ``AdamW`` recipe must not inherit ``betas``), and ``__delete__: true``
+inside the mapping (as mmdetection's ``_delete_``)::
+
+    model:
+      init_args:
+        optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.1, momentum: 0.9}}
+        backbone_kwargs: {__delete__: true, drop_path_rate: 0.1}   # the base's other backbone_kwargs are dropped
+ ``${...}`` interpolations are
 left as written, so jsonargparse resolves them after the command-line overrides. A missing base or a cycle is an
 error naming the file. The CLI expands every ``--config FILE`` that has a ``__base__`` key into the composed
 config before jsonargparse parses (:func:`expand_config_args`); files without one are passed through untouched.
@@ -27,6 +36,7 @@ import yaml
 from jsonargparse import get_loader
 
 BASE_KEY = "__base__"
+DELETE_KEY = "__delete__"  # ``__delete__: true`` in a mapping: it replaces the base's mapping instead of merging
 CONFIG_FLAGS = ("--config", "-c")  # LightningCLI's config-file option
 
 
@@ -34,12 +44,29 @@ class ConfigCompositionError(ValueError):
     """A ``__base__`` entry that is missing, malformed or part of a cycle."""
 
 
+def _replaces(base: Mapping[str, Any], override: Mapping[str, Any]) -> bool:
+    """Whether ``override`` replaces ``base`` rather than merging into it: ``__delete__: true``, or a ``class_path``
+    of another class (compared by class name, so ``AdamW`` and ``torch.optim.AdamW`` still merge)."""
+    if override.get(DELETE_KEY) is True:
+        return True
+    base_class, new_class = base.get("class_path"), override.get("class_path")
+    if not (isinstance(base_class, str) and isinstance(new_class, str)):
+        return False
+    return base_class.rsplit(".", 1)[-1] != new_class.rsplit(".", 1)[-1]
+
+
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``override`` on top of ``base``: mappings merge key by key (recursively), other values replace."""
-    merged = dict(base)
+    """``override`` on top of ``base``: mappings merge key by key (recursively) unless the override swaps the class
+    or says ``__delete__: true`` (it then replaces the base's mapping); other values replace."""
+    if DELETE_KEY in override and not isinstance(override[DELETE_KEY], bool):
+        raise ConfigCompositionError(f"{DELETE_KEY} must be true or false, got {override[DELETE_KEY]!r}")
+    merged = {} if _replaces(base, override) else dict(base)
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge(merged[key], value)
+        if key == DELETE_KEY:
+            continue
+        if isinstance(value, Mapping):
+            # Merged into an empty mapping where the base has none, so that nested ``__delete__`` keys are dropped.
+            merged[key] = merge(merged[key] if isinstance(merged.get(key), Mapping) else {}, value)
         else:
             merged[key] = value
     return merged
@@ -81,7 +108,10 @@ def _compose(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
                 "base paths are relative to the file that names them"
             )
         composed = merge(composed, _compose(base.resolve(), (*chain, path)))
-    return merge(composed, config)
+    try:
+        return merge(composed, config)
+    except ConfigCompositionError as err:
+        raise ConfigCompositionError(f"{path}: {err}") from None
 
 
 def compose(path: str | os.PathLike) -> dict[str, Any]:

@@ -214,6 +214,37 @@ def test_merge_replaces_a_mapping_with_a_scalar_and_leaves_its_inputs_alone() ->
     assert base == {"model": {"init_args": {"lr": 1}}, "data": {"size": 1}}
 
 
+def test_a_class_path_of_another_class_replaces_the_base_mapping(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", "opt: {class_path: torch.optim.AdamW, init_args: {lr: 1, betas: [0.9, 0.99]}}\n")
+    same = write(tmp_path / "same.yaml", "__base__: base.yaml\nopt: {class_path: AdamW, init_args: {lr: 2}}\n")
+    assert compose(same)["opt"]["init_args"] == {"lr": 2, "betas": [0.9, 0.99]}  # the same class: merged
+    swapped = write(
+        tmp_path / "sgd.yaml", "__base__: base.yaml\nopt: {class_path: torch.optim.SGD, init_args: {lr: 3}}\n"
+    )
+    assert compose(swapped)["opt"] == {"class_path": "torch.optim.SGD", "init_args": {"lr": 3}}
+
+
+def test_delete_replaces_the_base_mapping_at_any_depth(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", "a: {b: {keep: 1, drop: 2}, c: 3}\n")
+    variant = write(tmp_path / "variant.yaml", "__base__: base.yaml\na: {b: {__delete__: true, keep: 5}}\n")
+    assert compose(variant) == {"a": {"b": {"keep": 5}, "c": 3}}
+    new_key = write(tmp_path / "new.yaml", "__base__: base.yaml\nz: {__delete__: true, y: 1}\n")
+    assert compose(new_key)["z"] == {"y": 1}  # no base mapping: the key is dropped all the same
+    bad = write(tmp_path / "bad.yaml", "__base__: base.yaml\na: {__delete__: maybe}\n")
+    with pytest.raises(ConfigCompositionError, match=r"bad\.yaml: __delete__ must be true or false, got 'maybe'"):
+        compose(bad)
+
+
+def test_an_sgd_variant_of_a_paper_recipe_composes_and_parses_without_betas(tmp_path: Path) -> None:
+    recipe = CONFIGS / "classification" / "swin_t_imagenet1k.yaml"
+    optimizer = "{class_path: torch.optim.SGD, init_args: {lr: 0.1, momentum: 0.9, weight_decay: 1.0e-4}}"
+    variant = write(tmp_path / "sgd.yaml", f"__base__: {recipe}\nmodel:\n  init_args:\n    optimizer: {optimizer}\n")
+    printed = print_config("--config", str(variant))["model"]["init_args"]
+    assert printed["optimizer"]["class_path"] == "torch.optim.SGD"
+    assert printed["optimizer"]["init_args"]["momentum"] == 0.9 and "betas" not in printed["optimizer"]["init_args"]
+    assert printed["backbone_kwargs"]["drop_path_rate"] == 0.2  # the rest of the recipe is kept
+
+
 def test_a_missing_base_names_the_file_and_the_entry(tmp_path: Path) -> None:
     variant = write(tmp_path / "variant.yaml", "__base__: [_base_/nothing.yaml]\n")
     with pytest.raises(ConfigCompositionError, match=r"variant\.yaml: __base__ entry '_base_/nothing\.yaml' not found"):
