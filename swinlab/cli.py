@@ -1,4 +1,10 @@
-"""One LightningCLI for every task: ``python -m swinlab fit|validate|test|predict --config FILE``."""
+"""One LightningCLI for every task: ``python -m swinlab fit|validate|test|predict --config FILE``.
+
+:func:`build_cli` is the one construction every command shares (``export`` through its subclass of
+:class:`SwinLabCLI`): ``__base__`` composition, parser settings (``omegaconf+`` interpolation, no abbreviations),
+unknown keys as one ``ConfigError``. The fit-only arguments are one group (:func:`add_fit_arguments`) that only
+``fit`` adds; a config file's values for them are dropped for the other commands, so one recipe serves them all.
+"""
 
 from __future__ import annotations
 
@@ -58,11 +64,25 @@ def _as_list(value: Any) -> list:
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# The arguments of add_fit_arguments: a config file may set them (a recipe serves every command), other commands
+# drop them from it.
+FIT_ONLY_KEYS = (
+    "overwrite",
+    "collective_timeout",
+    "checkpoint_every_n_steps",
+    "checkpoint_every_minutes",
+    "test_after_fit",
+)
+
+
+def _subcommand_in(args: Any) -> str | None:
+    """The subcommand named in ``args`` (``sys.argv[1:]`` when None), or None."""
+    return next((arg for arg in args or sys.argv[1:] if arg in SUBCOMMANDS), None)
 
 
 def _subcommand_parser(parser: LightningArgumentParser, args: Any) -> LightningArgumentParser:
     """The parser of the subcommand named in ``args`` (the root parser when none is)."""
-    subcommand = next((arg for arg in args or sys.argv[1:] if arg in SUBCOMMANDS), None)
+    subcommand = _subcommand_in(args)
     for action in parser._actions:
         if isinstance(action.choices, dict) and subcommand in action.choices:
             return action.choices[subcommand]
@@ -71,6 +91,44 @@ def _subcommand_parser(parser: LightningArgumentParser, args: Any) -> LightningA
 
 class _HelpFormatter(DefaultHelpFormatter, RawDescriptionHelpFormatter):
     """jsonargparse's formatter that keeps the description's line breaks."""
+
+
+def add_fit_arguments(parser: LightningArgumentParser) -> None:
+    """The arguments only ``fit`` has (:data:`FIT_ONLY_KEYS`), as one group."""
+    group = parser.add_argument_group("fit only", "Checkpoint timing, run folder and DDP settings of a fit.")
+    group.add_argument(
+        "--checkpoint_every_n_steps",
+        type=int | None,
+        default=None,
+        help="also refresh last.ckpt every N optimizer steps (mid-epoch), so a killed run loses at most N steps; "
+        "replaces checkpoint_every_minutes.",
+    )
+    group.add_argument(
+        "--checkpoint_every_minutes",
+        type=float | None,
+        default=30.0,
+        help="also refresh last.ckpt every this many minutes of training (null: off).",
+    )
+    group.add_argument(
+        "--overwrite",
+        type=bool,
+        default=False,
+        help="start a new run even though the checkpoint folder holds a run's checkpoints (deleted first). Without "
+        "it such a fit refuses to start; resume it with --ckpt_path last instead.",
+    )
+    group.add_argument(
+        "--collective_timeout",
+        type=float,
+        default=600.0,
+        help="DDP: seconds a collective (gradient all-reduce, barrier) waits for the other processes before failing, "
+        "so a dead process stops the run instead of hanging it.",
+    )
+    group.add_argument(
+        "--test_after_fit",
+        type=bool,
+        default=False,
+        help="after fitting, run the test loop on the best checkpoint (the final weights if none).",
+    )
 
 
 class SwinLabCLI(LightningCLI):
@@ -86,7 +144,33 @@ class SwinLabCLI(LightningCLI):
     (``swinlab.validation``); checkpoints are saved atomically and loaded with ``weights_only=True``
     (``AtomicCheckpointIO``); ``last.ckpt`` is also refreshed every ``checkpoint_every_n_steps`` steps or
     ``checkpoint_every_minutes`` minutes and on SIGTERM; non-finite losses skip their step (group ``non_finite``).
+
+    Built with ``run=False`` it parses and builds as the command :attr:`command` (``fit``: its arguments too).
     """
+
+    command = "fit"
+
+    @property
+    def running_command(self) -> str:
+        """The subcommand being run, else :attr:`command`."""
+        return self.subcommand or self.command
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            self.add_command_arguments(self.parser, self.command)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        self.add_command_arguments(parser, subcommand)
+        return parser
+
+    def add_command_arguments(self, parser: LightningArgumentParser, command: str) -> None:
+        """The arguments of one command, after those all commands share (:meth:`add_arguments_to_parser`)."""
+        if command == "fit":
+            add_fit_arguments(parser)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The link is skipped for tasks without a ``num_classes`` init argument.
@@ -102,39 +186,6 @@ class SwinLabCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
-        parser.add_argument(
-            "--checkpoint_every_n_steps",
-            type=int | None,
-            default=None,
-            help="fit only: also refresh last.ckpt every N optimizer steps (mid-epoch), so a killed run loses at most "
-            "N steps; replaces checkpoint_every_minutes.",
-        )
-        parser.add_argument(
-            "--checkpoint_every_minutes",
-            type=float | None,
-            default=30.0,
-            help="fit only: also refresh last.ckpt every this many minutes of training (null: off).",
-        )
-        parser.add_argument(
-            "--overwrite",
-            type=bool,
-            default=False,
-            help="fit only: start a new run even though the checkpoint folder holds a run's checkpoints (deleted "
-            "first). Without it such a fit refuses to start; resume it with --ckpt_path last instead.",
-        )
-        parser.add_argument(
-            "--collective_timeout",
-            type=float,
-            default=600.0,
-            help="DDP: seconds a collective (gradient all-reduce, barrier) waits for the other processes before "
-            "failing, so a dead process stops the run instead of hanging it.",
-        )
-        parser.add_argument(
-            "--test_after_fit",
-            type=bool,
-            default=False,
-            help="fit only: after fitting, run the test loop on the best checkpoint (the final weights if none).",
-        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, turning an unknown key into a ``ConfigError`` naming the closest valid keys, and check a
@@ -163,6 +214,16 @@ class SwinLabCLI(LightningCLI):
         self._run_lock = RunFolderLock(root)
         self._requested_num_classes = requested_num_classes(config)
 
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, where a class refusing a value of the config (a ``ValueError`` of its constructor, such as
+        ``image_size must be >= 1``) is a ``ConfigError``: reported in one line."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            if type(err).__module__.startswith("swinlab."):
+                raise  # already one of swinlab's own errors
+            raise ConfigError(str(err)) from err
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._subcommand_config()
         if config.trainer.logger in (None, True):
@@ -178,7 +239,7 @@ class SwinLabCLI(LightningCLI):
         strategy = kwargs.get("strategy", trainer_init.get("strategy"))
         # A dead process makes the others fail after collective_timeout instead of waiting forever in a collective.
         entry = StrategyRegistry[strategy] if isinstance(strategy, str) and strategy in StrategyRegistry else None
-        if entry is not None and issubclass(entry["strategy"], DDPStrategy):
+        if entry is not None and issubclass(entry["strategy"], DDPStrategy) and "collective_timeout" in config:
             timeout = timedelta(seconds=config.collective_timeout)
             kwargs["strategy"] = entry["strategy"](**{**entry["init_params"], "timeout": timeout})
         resume_checkpoints = self._resume_checkpoint()
@@ -197,7 +258,7 @@ class SwinLabCLI(LightningCLI):
         """Pictures (``swinlab.plots``) on every run; in ``fit`` also throughput over the batches between two log
         lines (``SwinTask.flops_per_batch`` adds FLOP/s, and utilisation where Lightning knows the device's peak)."""
         observers: list[Callback] = [TrainingCurves(), EvaluationPictures()]
-        if self.subcommand in (None, "fit"):
+        if self.running_command == "fit":
             window = (self._subcommand_config().trainer.log_every_n_steps or 50) + 1
             observers.append(ThroughputMonitor(batch_size_fn=batch_size, window_size=window))
         return observers
@@ -205,12 +266,14 @@ class SwinLabCLI(LightningCLI):
     def _resume_checkpoint(self) -> list[ModelCheckpoint]:
         """A second ``ModelCheckpoint`` refreshing only ``last.ckpt`` in the same folder, every N steps or minutes."""
         config = self._subcommand_config()
+        if self.running_command != "fit":
+            return []
         steps, minutes = config.checkpoint_every_n_steps, config.checkpoint_every_minutes
-        if self.subcommand not in (None, "fit") or (steps is None and minutes is None):
+        if steps is None and minutes is None:
             return []
         for name, value in (("checkpoint_every_n_steps", steps), ("checkpoint_every_minutes", minutes)):
             if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be > 0 or null (off)")
+                raise ConfigError(f"{name}={value} must be > 0 or null (off)")
         interval = {"every_n_train_steps": steps} if steps else {"train_time_interval": timedelta(minutes=minutes)}
         return [
             ModelCheckpoint(
@@ -264,16 +327,21 @@ class SwinLabCLI(LightningCLI):
             self._run_lock.release()
 
 
-def main(args: list[str] | None = None, run: bool = True) -> SwinLabCLI:
-    """Run the CLI on ``args`` (``sys.argv[1:]`` when ``None``); tests call it with a list.
+def build_cli(
+    cli_class: type[SwinLabCLI], args: list[str] | None, run: bool = True, **parser_kwargs: Any
+) -> SwinLabCLI:
+    """``cli_class`` on ``args`` (``sys.argv[1:]`` when ``None``): the construction every command shares.
 
-    ``run=False`` parses ``args`` without a subcommand and only instantiates trainer, model and data.
+    ``parser_kwargs`` (``prog``, ``description``) are the root parser's, on top of the shared settings.
     """
     # Subcommands nest the config under ``fit.``/``test.``...; relative paths let configs write ``${data.x}``.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    # Config files naming a ``__base__`` are composed here, before jsonargparse reads them (swinlab.config_compose).
-    args = expand_command_line(args)
-    return SwinLabCLI(
+    command = _subcommand_in(args) if run else cli_class.command
+    # Config files naming a ``__base__`` are composed here, before jsonargparse reads them (swinlab.config_compose);
+    # a recipe's fit-only settings are dropped for the other commands, which do not have them.
+    args = expand_command_line(args, drop_keys=() if command in ("fit", None) else FIT_ONLY_KEYS)
+    strict = {"exit_on_error": False, "allow_abbrev": False}
+    return cli_class(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -285,13 +353,20 @@ def main(args: list[str] | None = None, run: bool = True) -> SwinLabCLI:
         # abbreviated flags (``--trainer.max_epoch`` would silently mean ``max_epochs``).
         parser_kwargs={
             "parser_mode": "omegaconf+",
-            "description": _description(),
             "formatter_class": _HelpFormatter,
-            "exit_on_error": False,
-            "allow_abbrev": False,
-            **{subcommand: {"exit_on_error": False, "allow_abbrev": False} for subcommand in SUBCOMMANDS},
+            **strict,
+            **parser_kwargs,
+            **{subcommand: dict(strict) for subcommand in SUBCOMMANDS},  # LightningCLI adds to each
         },
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
     )
+
+
+def main(args: list[str] | None = None, run: bool = True) -> SwinLabCLI:
+    """Run the CLI on ``args`` (``sys.argv[1:]`` when ``None``); tests call it with a list.
+
+    ``run=False`` parses ``args`` as ``fit`` does, without a subcommand, and only instantiates trainer, model and data.
+    """
+    return build_cli(SwinLabCLI, args, run, description=_description())

@@ -21,7 +21,8 @@ inside the mapping (as mmdetection's ``_delete_``)::
  ``${...}`` interpolations are
 left as written, so jsonargparse resolves them after the command-line overrides. A missing base or a cycle is an
 error naming the file. The CLI expands every ``--config FILE`` that has a ``__base__`` key into the composed
-config before jsonargparse parses (:func:`expand_config_args`); files without one are passed through untouched.
+config before jsonargparse parses (:func:`expand_config_args`), less the keys of ``fit``-only arguments for other
+commands; files without either are passed through untouched.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def compose(path: str | os.PathLike) -> dict[str, Any]:
     return _compose(path, chain=())
 
 
-def has_bases(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a YAML file with a top-level ``__base__`` key."""
+def has_keys(path: str | os.PathLike, keys: Sequence[str] = (BASE_KEY,)) -> bool:
+    """Whether ``path`` is a YAML file with any of ``keys`` (default ``__base__``) at its top level."""
     path = Path(path)
     if not path.is_file():
         return False  # a config given as a string, or a missing file jsonargparse reports
@@ -131,30 +132,36 @@ def has_bases(path: str | os.PathLike) -> bool:
         content = get_loader("yaml")(path.read_text())
     except yaml.YAMLError:
         return False  # not ours to report: jsonargparse names the file and the error
-    return isinstance(content, dict) and BASE_KEY in content
+    return isinstance(content, dict) and any(key in content for key in keys)
 
 
-def expand_config_args(args: Sequence[str]) -> list[str]:
-    """Replace each ``--config FILE`` (or ``--config=FILE``, ``-c FILE``) whose file has a ``__base__`` key by
-    ``--config`` and the composed config as a YAML string; every other argument is kept as it is."""
+def expand_config_args(args: Sequence[str], drop_keys: Sequence[str] = ()) -> list[str]:
+    """Replace each ``--config FILE`` (or ``--config=FILE``, ``-c FILE``) whose file has a ``__base__`` key (or one
+    of ``drop_keys``) by ``--config`` and the composed config, less its top-level ``drop_keys``, as a YAML string;
+    every other argument is kept as it is."""
+    keys = (BASE_KEY, *drop_keys)
+
+    def composed(path: str) -> str:
+        return _dump({key: value for key, value in compose(path).items() if key not in drop_keys})
+
     expanded = list(args)
     for index, arg in enumerate(expanded):
         flag, equals, value = arg.partition("=")
-        if equals and flag in CONFIG_FLAGS and has_bases(value):
-            expanded[index] = f"{flag}={_dump(compose(value))}"
-        elif not equals and index > 0 and expanded[index - 1] in CONFIG_FLAGS and has_bases(arg):
-            expanded[index] = _dump(compose(arg))
+        if equals and flag in CONFIG_FLAGS and has_keys(value, keys):
+            expanded[index] = f"{flag}={composed(value)}"
+        elif not equals and index > 0 and expanded[index - 1] in CONFIG_FLAGS and has_keys(arg, keys):
+            expanded[index] = composed(arg)
     return expanded
 
 
-def expand_command_line(args: Sequence[str] | None) -> list[str] | None:
+def expand_command_line(args: Sequence[str] | None, drop_keys: Sequence[str] = ()) -> list[str] | None:
     """:func:`expand_config_args` of ``args``; with ``None``, of ``sys.argv`` in place, and ``None`` is returned.
 
     In place because LightningCLI reads ``sys.argv`` when given no ``args`` and warns when given both.
     """
     if args is not None:
-        return expand_config_args(args)
-    sys.argv[1:] = expand_config_args(sys.argv[1:])
+        return expand_config_args(args, drop_keys)
+    sys.argv[1:] = expand_config_args(sys.argv[1:], drop_keys)
     return None
 
 

@@ -3,9 +3,11 @@
     python -m swinlab export --config CONFIG [--ckpt_path CKPT] --output model.onnx [--optimize] [--quantize int8]
         [--int8_method auto|static|dynamic] [--evaluate]
 
-The config is parsed exactly as ``fit`` parses it (same parser, overrides and ``${...}`` interpolation), but only
-the task is built: the data module is constructed (never set up) only to learn ``num_classes`` when no checkpoint
-gives it, and read only for ``--quantize int8`` calibration and ``--evaluate``. The batch dimension of the
+The config is parsed exactly as ``fit`` parses it, through the same construction (``swinlab.cli.build_cli``:
+``__base__`` composition, overrides, ``${...}`` interpolation, one-line errors), without ``fit``'s own arguments
+(``--overwrite``, checkpoint timing, ...; a recipe's values for them are ignored). Only the task is built: the
+data module is constructed (never set up) only to learn ``num_classes`` when no checkpoint gives it, and read only
+for ``--quantize int8`` calibration and ``--evaluate``. The batch dimension of the
 exported model is dynamic; height and width are fixed at export (``--input_size``, default the backbone's
 ``img_size``) because the shifted-window layout and its masks are computed from the map size in Python.
 
@@ -34,19 +36,20 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser
 from torch import nn
 
-from swinlab.checkpointing import load_checkpoint_safely
-from swinlab.cli import SwinLabCLI
+from swinlab.cli import SwinLabCLI, build_cli
+from swinlab.models.checkpoint_file import CheckpointFileError, read_lightning_checkpoint
 from swinlab.tasks import ClassificationTask, DetectionTask, SegmentationTask
-from swinlab.validation import data_problems, validate_run_config
+from swinlab.validation import ConfigError, data_problems, validate_run_config
 
 INPUT_NAME = "images"
 
 
 class ExportCLI(SwinLabCLI):
-    """The run-config parser of ``fit`` plus the export arguments; builds nothing by itself."""
+    """The run-config parser shared by every command plus the export arguments; builds nothing by itself."""
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        super().add_arguments_to_parser(parser)
+    command = "export"
+
+    def add_command_arguments(self, parser: LightningArgumentParser, command: str) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint to export")
         parser.add_argument("--output", type=str, required=True, help="the .onnx file to write")
         parser.add_argument(
@@ -96,19 +99,12 @@ class ExportCLI(SwinLabCLI):
 
 def parse_config(args: list[str] | None = None) -> Namespace:
     """``export`` command-line arguments (``sys.argv[1:]`` when None) -> the parsed config."""
-    return ExportCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        parser_kwargs={
-            "parser_mode": "omegaconf+",
-            "prog": "python -m swinlab export",
-            "description": "Export a classification or segmentation task as ONNX for CPU inference, optionally INT8.",
-        },
-        args=args,
+    return build_cli(
+        ExportCLI,
+        args,
         run=False,
+        prog="python -m swinlab export",
+        description="Export a classification or segmentation task as ONNX for CPU inference, optionally INT8.",
     ).config
 
 
@@ -143,31 +139,25 @@ def build_task(
     """
     model_config = config.model.as_dict()
     init_args = model_config.setdefault("init_args", {})
-    checkpoint = load_checkpoint_safely(ckpt_path, map_location="cpu") if ckpt_path else None
-    if checkpoint is not None:
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(
-                f"--ckpt_path {ckpt_path} is not a Lightning checkpoint (no 'state_dict'); official or timm weights "
-                "go in --model.init_args.pretrained instead"
-            )
+    state_dict, saved = read_lightning_checkpoint(ckpt_path) if ckpt_path else (None, {})
+    if state_dict is not None:
         init_args["pretrained"] = None
-    saved = (checkpoint or {}).get("hyper_parameters") or {}
     data_classes = getattr(datamodule, "num_classes", None)
     if saved.get("num_classes") is not None:
         init_args["num_classes"] = saved["num_classes"]
     elif isinstance(data_classes, int):
         init_args["num_classes"] = data_classes
     if init_args.get("num_classes") is None:
-        raise ValueError(
+        raise ConfigError(
             "num_classes is unknown: the config links it from the data, which is not available here, and no "
             "--ckpt_path gives it; pass --model.init_args.num_classes N or --ckpt_path CKPT"
         )
     task = _instantiate(LightningModule, model_config)
-    if checkpoint is not None:
+    if state_dict is not None:
         try:
-            task.load_state_dict(checkpoint["state_dict"])
+            task.load_state_dict(state_dict)
         except RuntimeError as err:
-            raise ValueError(
+            raise CheckpointFileError(
                 f"--ckpt_path {ckpt_path} does not fit the model of the config ({model_config['class_path']}): "
                 f"{str(err).splitlines()[0]} ... export with the config the checkpoint was trained with"
             ) from err
@@ -182,12 +172,12 @@ def inference_network(task: LightningModule) -> nn.Module:
     if isinstance(task, SegmentationTask):
         return task.eval()
     if isinstance(task, DetectionTask):
-        raise ValueError(
+        raise ConfigError(
             "DetectionTask cannot be exported: torchvision's Mask R-CNN takes a list of images and filters "
             "proposals into data-dependent shapes, which torch.onnx.export(dynamo=True) does not trace; export a "
             "classification or segmentation config instead"
         )
-    raise ValueError(f"{type(task).__name__} cannot be exported; supported: ClassificationTask, SegmentationTask")
+    raise ConfigError(f"{type(task).__name__} cannot be exported; supported: ClassificationTask, SegmentationTask")
 
 
 def default_input_shape(network: nn.Module) -> tuple[int, int, int]:
@@ -351,23 +341,23 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     """``python -m swinlab export ...``; returns what it printed (paths, parity, quantization, accuracies)."""
     config = parse_config(args)
     if config.calibration_images < 1:
-        raise ValueError(f"--calibration_images must be >= 1, got {config.calibration_images}")
+        raise ConfigError(f"--calibration_images must be >= 1, got {config.calibration_images}")
     datamodule, data_missing = build_datamodule(config)
     task = build_task(config, config.ckpt_path, datamodule)
     network = inference_network(task)
     channels, *size = default_input_shape(network)
     if config.input_size is not None:
         if len(config.input_size) != 2 or min(config.input_size) < 1:
-            raise ValueError(f"--input_size must be [H, W] with positive sides, got {config.input_size}")
+            raise ConfigError(f"--input_size must be [H, W] with positive sides, got {config.input_size}")
         size = list(config.input_size)
     input_shape = (channels, *size)
     if config.evaluate and not isinstance(task, ClassificationTask):
-        raise ValueError("--evaluate reports top-1 accuracy, so it needs a ClassificationTask config")
+        raise ConfigError("--evaluate reports top-1 accuracy, so it needs a ClassificationTask config")
     if config.evaluate and datamodule is None:
-        raise ValueError(f"--evaluate needs the config's test data: {data_missing}")
+        raise ConfigError(f"--evaluate needs the config's test data: {data_missing}")
 
     if config.quantize and config.int8_method == "static" and datamodule is None:
-        raise ValueError(f"--int8_method static needs the config's training images for calibration: {data_missing}")
+        raise ConfigError(f"--int8_method static needs the config's training images for calibration: {data_missing}")
 
     output = Path(config.output)
     report: dict[str, Any] = {"output": str(output), "input_shape": input_shape}

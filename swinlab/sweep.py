@@ -48,6 +48,7 @@ from torch import nn
 
 from swinlab.config_compose import compose
 from swinlab.models.flops import count_macs
+from swinlab.validation import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +65,21 @@ def load_grid(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     try:
         spec = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot read the grid file {path}: {err}") from err
+        raise ConfigError(f"cannot read the grid file {path}: {err}") from err
     if not isinstance(spec, dict):
-        raise ValueError(f"{path}: the grid file must be a mapping with keys {GRID_KEYS}, got {type(spec).__name__}")
+        raise ConfigError(f"{path}: the grid file must be a mapping with keys {GRID_KEYS}, got {type(spec).__name__}")
     unknown = sorted(set(spec) - set(GRID_KEYS))
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; a grid file has only {GRID_KEYS}")
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; a grid file has only {GRID_KEYS}")
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ValueError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+        raise ConfigError(f"{path}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
     axes = spec.get("grid") or {}
     if not isinstance(axes, dict) or not all(isinstance(v, list) and v for v in axes.values()):
-        raise ValueError(f"{path}: 'grid' must map dotted config keys to non-empty lists of values, got {axes!r}")
+        raise ConfigError(f"{path}: 'grid' must map dotted config keys to non-empty lists of values, got {axes!r}")
     points = spec.get("points") or [{}]
     if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
-        raise ValueError(f"{path}: 'points' must be a list of mappings (dotted config key: value), got {points!r}")
+        raise ConfigError(f"{path}: 'points' must be a list of mappings (dotted config key: value), got {points!r}")
     crossed = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
     return [{**point, **cell} for point in points for cell in crossed], seeds
 
@@ -370,11 +371,11 @@ def plan(args: argparse.Namespace) -> tuple[Path, list[tuple[dict[str, Any], str
     if args.seeds is not None:
         missing = sorted(set(args.seeds) - set(seeds))
         if missing:
-            raise ValueError(f"--seeds {missing} are not in the grid's seeds {seeds} ({args.grid})")
+            raise ConfigError(f"--seeds {missing} are not in the grid's seeds {seeds} ({args.grid})")
         seeds = [s for s in seeds if s in args.seeds]
     names = [point_name(p) for p in points]
     if len(set(names)) != len(names):
-        raise ValueError(f"{args.grid}: two points have the same overrides: {names}")
+        raise ConfigError(f"{args.grid}: two points have the same overrides: {names}")
     out_dir = args.out or Path("runs") / "sweeps" / args.grid.stem
     todo = [
         (p, n, s)
@@ -489,10 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep; returns the number of runs that failed (the process exit code)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # no-op where logging is set up
     args, extra_args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        out_dir, todo = plan(args)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"sweep: {err}") from err
+    out_dir, todo = plan(args)  # a bad grid or config: one line from ``python -m swinlab`` (ConfigError, OSError)
     todo = todo[: args.max_runs]
     if args.dry_run:
         for _, name, seed in todo:

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from swinlab.models import SwinTransformer, create_model, list_models
-from swinlab.models.checkpoint_file import CheckpointFileError, read_checkpoint_file
+from swinlab.models.checkpoint_file import (
+    CheckpointFileError,
+    read_checkpoint_file,
+    read_lightning_checkpoint,
+    unwrap_weights,
+)
 from swinlab.models.pretrained import to_swinlab_layout
 
 # Data-module arguments that name a folder the data must already be in.
@@ -53,8 +58,6 @@ def backbone_problems(backbone: Any, backbone_kwargs: dict[str, Any] | None, pre
             create_model(backbone, **kwargs)
     except (ValueError, TypeError) as err:
         return [f"{prefix}.backbone_kwargs: {err}"]
-    except (NotImplementedError, RuntimeError):
-        pass  # a meta tensor cannot give values (``.tolist()``) later in the constructor: its checks have passed
     if external:
         return []  # a timm or user backbone: the window check below is Swin's
     defaults = {name: p.default for name, p in inspect.signature(SwinTransformer).parameters.items()}
@@ -159,18 +162,15 @@ def pretrained_file_problems(model_args: Any) -> None:
     if not isinstance(pretrained, str) or not (Path(pretrained).exists() or Path(pretrained).suffix in CKPT_SUFFIXES):
         return
     what = "model.init_args.pretrained"
-    contents = read_checkpoint_file(pretrained, what)
+    contents = unwrap_weights(read_checkpoint_file(pretrained, what))
     backbone, kwargs = _get(model_args, "backbone"), dict(_get(model_args, "backbone_kwargs") or {})
     if not isinstance(backbone, str) or backbone not in list_models():
         return
-    try:  # on the CPU: the constructor reads values (``.tolist()``), which the meta device cannot give
-        wanted = set(create_model(backbone, **kwargs).state_dict())
-    except (ValueError, TypeError, RuntimeError):
+    try:
+        with torch.device("meta"):  # only the weights' names are needed: none are allocated
+            wanted = set(create_model(backbone, **kwargs).state_dict())
+    except (ValueError, TypeError):
         return  # reported by backbone_problems
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(contents, dict) and isinstance(contents.get(key), dict):
-            contents = contents[key]
-            break
     tensors = {k: v for k, v in contents.items() if isinstance(v, torch.Tensor)} if isinstance(contents, dict) else {}
     found = wanted & set(to_swinlab_layout(tensors))
     if len(found) < len(wanted) // 2:
@@ -183,14 +183,7 @@ def pretrained_file_problems(model_args: Any) -> None:
 def check_checkpoint_matches(ckpt_path: str | Path, model: Any, datamodule: Any) -> None:
     """A checkpoint to resume or evaluate must be one of this task and model (same weights by name and shape) and
     must have been trained on as many classes as the data has."""
-    checkpoint = read_checkpoint_file(ckpt_path, "--ckpt_path")
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        found = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointFileError(
-            f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (no state_dict; found {found[:120]}); weights of a "
-            "backbone alone go in model.init_args.pretrained"
-        )
-    hparams = checkpoint.get("hyper_parameters") or {}
+    saved, hparams = read_lightning_checkpoint(ckpt_path)
     saved_class = _get(hparams, "_class_path")
     task = f"{type(model).__module__}.{type(model).__name__}"
     of = f"a checkpoint of {saved_class} (backbone {_get(hparams, 'backbone')})" if saved_class else "a checkpoint"
@@ -205,7 +198,7 @@ def check_checkpoint_matches(ckpt_path: str | Path, model: Any, datamodule: Any)
             "classes; resume only with the data it was trained on, or fine-tune from it with "
             "model.init_args.pretrained (the head is then re-initialised)"
         )
-    saved, wanted = checkpoint["state_dict"], model.state_dict()
+    wanted = model.state_dict()
     missing, unexpected = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
     if missing or unexpected:
         raise CheckpointFileError(
@@ -225,8 +218,7 @@ def check_checkpoint_task(ckpt_path: str | Path, model_config: Any) -> None:
     """Before LightningCLI applies a ``--ckpt_path`` file's hyper-parameters to the config: the file must be a
     readable checkpoint, and one of the task the config names (else LightningCLI would switch the task to the
     checkpoint's)."""
-    checkpoint = read_checkpoint_file(ckpt_path, "--ckpt_path")
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    _, hparams = read_lightning_checkpoint(ckpt_path)
     saved, wanted = _get(hparams, "_class_path"), _get(model_config, "class_path")
     if isinstance(saved, str) and isinstance(wanted, str) and saved.rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1]:
         raise CheckpointFileError(
@@ -262,7 +254,9 @@ def explain_parse_error(message: str, parser: Any) -> str:
     """jsonargparse's error ``message`` for ``parser`` (the subcommand's), rewritten where it is an unknown key:
     ``unknown key model.init_args.backbon; did you mean model.init_args.backbone?``; other messages unchanged."""
     unknown = re.search(r"unrecognized arguments: (.+)", message)
-    flags = unknown.group(1).split() if unknown else re.findall(r"does not accept option '([^']+)'", message)
+    # The flags, not their values: ``--overwrite true`` is one unknown key.
+    flags = [f for f in unknown.group(1).split() if f.startswith("-")] if unknown else []
+    flags = flags or re.findall(r"does not accept option '([^']+)'", message)
     if flags:
         keys = [flag.lstrip("-").split("=", 1)[0] for flag in flags]
         return "; ".join(_unknown_key(key, _closest(key, _parser_keys(parser))) for key in keys)

@@ -9,8 +9,10 @@ import pytest
 import torch
 import yaml
 
-from swinlab.cli import main
+from swinlab.__main__ import run as command_line
+from swinlab.cli import FIT_ONLY_KEYS, main
 from swinlab.models import create_model
+from swinlab.validation import ConfigError
 from tests.helpers import ROOT
 
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
@@ -162,3 +164,49 @@ def test_ddp_fit_and_predict_on_two_cpu_processes(tiny_swin, fashion_mnist_dir, 
     with open(tmp_path / "predictions.csv") as f:
         files = [row[0] for row in list(csv.reader(f))[1:]]
     assert files == ["img_0.JPEG", "img_1.JPEG", "more/img_0.JPEG"]  # both ranks' parts, once each
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_fit_only_arguments_are_offered_by_fit_alone(subcommand, capsys):
+    for flag in ("--overwrite=true", "--collective_timeout=9", "--checkpoint_every_minutes=5", "--test_after_fit=1"):
+        with pytest.raises(ConfigError, match=f"unknown config key `{flag[2:].split('=')[0]}`"):
+            main([subcommand, "--config", str(QUICKSTART), flag])
+    # The recipe's own fit-only setting (test_after_fit) is dropped for the other commands, kept for fit.
+    printed = {}
+    for command in (subcommand, "fit"):
+        with pytest.raises(SystemExit):
+            main([command, "--config", str(QUICKSTART), "--print_config"])
+        printed[command] = yaml.safe_load(capsys.readouterr().out)
+    assert not set(FIT_ONLY_KEYS) & set(printed[subcommand])
+    assert set(FIT_ONLY_KEYS) <= set(printed["fit"]) and printed["fit"]["test_after_fit"] is True
+    for group in ("model", "data", "trainer", "checkpoint"):  # the rest of the recipe reads the same
+        assert printed["fit"][group] == printed[subcommand][group], group
+
+
+@pytest.mark.parametrize(
+    ("error", "one_line"),
+    [(ConfigError("model.init_args.x=1 is bad"), True), (OSError("disk full"), True), (KeyError("a bug"), False)],
+    ids=["swinlab-error", "os-error", "bug"],
+)
+def test_only_swinlabs_own_errors_and_os_errors_are_one_line(error, one_line, monkeypatch, capsys, tmp_path):
+    """Raised after parsing, where the config is checked: a bug inside swinlab keeps its traceback."""
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("swinlab.cli.validate_run_config", fail)
+    monkeypatch.setattr(
+        sys, "argv", ["swinlab", "fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}"]
+    )
+    monkeypatch.delenv("SWINLAB_DEBUG", raising=False)
+    if not one_line:
+        with pytest.raises(type(error)):
+            command_line()
+        return
+    with pytest.raises(SystemExit) as done:
+        command_line()
+    assert done.value.code == 2
+    assert capsys.readouterr().err == f"swinlab: error: {error} (SWINLAB_DEBUG=1 shows the traceback)\n"
+    monkeypatch.setenv("SWINLAB_DEBUG", "1")
+    with pytest.raises(type(error)):
+        command_line()

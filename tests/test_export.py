@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,12 @@ import onnx
 import pytest
 import torch
 
+from swinlab.__main__ import run as command_line
 from swinlab.data import FashionMNISTDataModule
 from swinlab.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from swinlab.export import OnnxModel, build_task, main, parse_config
+from swinlab.export import OnnxModel, build_task, inference_network, main, parse_config
 from swinlab.tasks import ClassificationTask, SegmentationTask
+from swinlab.validation import ConfigError
 from tests.helpers import ROOT
 
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
@@ -190,6 +193,58 @@ def test_checkpoint_of_another_model_is_named(fashion_mnist_dir, classifier_chec
 
 
 def test_num_classes_unknown_without_data_or_checkpoint(tmp_path):
-    args = ["--config", str(SEGMENTATION), f"--output={tmp_path / 'seg.onnx'}"]
-    with pytest.raises(ValueError, match="num_classes is unknown.*--model.init_args.num_classes N"):
+    # The data folder named explicitly (one that does not exist): the config's default, data/shapes_segmentation,
+    # is relative to the working folder, where a quickstart may have written it.
+    no_data = f"--data.init_args.data_root={tmp_path / 'no-data'}"
+    args = ["--config", str(SEGMENTATION), no_data, f"--output={tmp_path / 'seg.onnx'}"]
+    with pytest.raises(ConfigError, match="num_classes is unknown.*--model.init_args.num_classes N"):
         main(args)
+
+
+def test_a_composed_paper_recipe_exports_with_random_weights(tmp_path):
+    """``export`` composes ``__base__`` as ``fit`` does (this recipe names its model size over a base), and offers
+    none of fit's own arguments."""
+    recipe = ROOT / "configs" / "classification" / "swin_t_imagenet1k.yaml"
+    args = ["--config", str(recipe), f"--data.init_args.data_dir={tmp_path / 'no-data'}", "--output=m.onnx"]
+    config = parse_config([*args, "--model.init_args.num_classes=7"])
+    assert config.model.init_args.backbone == "swin_t" and config.model.init_args.backbone_kwargs["img_size"] == 224
+    assert not {"overwrite", "checkpoint_every_minutes", "test_after_fit"} & set(config.as_dict())
+    network = inference_network(build_task(config, None))
+    assert network.head.out_features == 7 and sum(p.numel() for p in network.parameters()) > 27e6  # Swin-T
+    for fit_only in ("--overwrite=true", "--checkpoint_every_minutes=5", "--collective_timeout=9"):
+        with pytest.raises(ConfigError, match=f"unknown config key `{fit_only[2:].split('=')[0]}`"):
+            parse_config([*args, fit_only])
+
+
+def test_a_bad_export_config_is_one_line_and_exit_status_2(tmp_path, monkeypatch, capsys):
+    argv = ["swinlab", "export", "--config", str(QUICKSTART), "--model.init_args.backbon=swin_t", "--output=m.onnx"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.delenv("SWINLAB_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as done:
+        command_line()
+    assert done.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("swinlab: error: unknown config key `model.init_args.backbon`")
+    assert "did you mean `model.init_args.backbone`" in line
+
+
+def test_the_ema_weights_are_exported(tiny_swin, tmp_path):
+    """A classifier trained with ``ema_decay`` exports its EMA weights (what it validates with), not the raw ones."""
+    torch.manual_seed(0)
+    task = ClassificationTask(backbone_kwargs={**tiny_swin, "in_chans": 1}, num_classes=10, ema_decay=0.5)
+    optimizer = torch.optim.SGD(task.backbone.parameters(), lr=1.0)
+    images, labels = torch.randn(4, 1, 32, 32), torch.arange(4)
+    for step in range(3):  # training steps, each followed by the task's EMA update
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(task.backbone(images), labels).backward()
+        optimizer.step()
+        task.ema.update(task.backbone, step=step + 1)
+    path = tmp_path / "ema.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": {"num_classes": 10}}, path)
+    args = classification_args(tiny_swin, tmp_path / "no-data", "--model.init_args.ema_decay=0.5", "--output=m.onnx")
+    network = inference_network(build_task(parse_config(args), str(path)))
+    task.eval()
+    with torch.no_grad():
+        ema, raw, exported = task.ema.module(images), task.backbone(images), network(images)
+    assert (ema - raw).abs().max() > 1e-3  # the EMA is not the raw weights
+    torch.testing.assert_close(exported, ema, rtol=0, atol=0)

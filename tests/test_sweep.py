@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from swinlab import sweep
+from swinlab.validation import ConfigError
 from tests.helpers import ROOT
 
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
@@ -179,7 +180,7 @@ def test_python_m_swinlab_sweep_dispatches_and_reports_bad_input(tmp_path):
     assert (
         done.returncode == 0 and "1 points x 1 seeds, 1 to run" in done.stderr and "shift=false seed 1" in done.stderr
     )
-    with pytest.raises(SystemExit, match=r"sweep: --seeds \[7\] are not in the grid's seeds \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"--seeds \[7\] are not in the grid's seeds \[0, 1\]"):
         sweep.main([*command[4:-3], "--seeds", "7"])
 
 

@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+# Where checkpoints keep the weights: official Swin releases (``model``, ``model_ema``), Lightning (``state_dict``).
+WEIGHT_KEYS = ("model", "state_dict", "model_ema")
+
 
 class CheckpointFileError(ValueError):
     """A checkpoint file that cannot be used; the one-line message names the file and what is wrong."""
@@ -63,3 +66,25 @@ def read_checkpoint_file(path: str | Path, what: str = "--ckpt_path", map_locati
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise CheckpointFileError(f"{what} {path}: corrupt or truncated checkpoint ({first_line(err)})") from None
+
+
+def unwrap_weights(contents: Any) -> Any:
+    """The weights in a checkpoint's contents: the mapping under the first of :data:`WEIGHT_KEYS` that holds one,
+    else the contents themselves (a bare state dict)."""
+    for key in WEIGHT_KEYS:
+        if isinstance(contents, dict) and isinstance(contents.get(key), dict):
+            return contents[key]
+    return contents
+
+
+def read_lightning_checkpoint(path: str | Path, what: str = "--ckpt_path") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state_dict, hyper_parameters)`` of a Lightning checkpoint file (``{}`` for hyper-parameters it does not
+    save), or a ``CheckpointFileError``: unreadable (:func:`read_checkpoint_file`), or not a Lightning checkpoint."""
+    checkpoint = read_checkpoint_file(path, what)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        found = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointFileError(
+            f"{what} {path}: not a Lightning checkpoint (no state_dict; found {found[:120]}); weights of a backbone "
+            "alone (official, timm) go in model.init_args.pretrained"
+        )
+    return checkpoint["state_dict"], dict(checkpoint.get("hyper_parameters") or {})

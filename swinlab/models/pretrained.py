@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from swinlab.models.checkpoint_file import read_checkpoint_file
+from swinlab.models.checkpoint_file import read_checkpoint_file, unwrap_weights
 from swinlab.models.hub import resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,7 @@ class LoadResult(NamedTuple):
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (.pth/.pt/.ckpt/.bin or .safetensors), unwrapped from ``model``/``state_dict``."""
     path = resolve_weights(path)  # a file path, or Hub weights by name (swinlab.models.hub)
-    obj = read_checkpoint_file(path, "checkpoint")  # never unpickles code (CheckpointFileError otherwise)
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    obj = unwrap_weights(read_checkpoint_file(path, "checkpoint"))  # never unpickles code (CheckpointFileError)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
             f"checkpoint {path} does not hold a state dict of tensors (found {type(obj).__name__}"

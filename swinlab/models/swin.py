@@ -469,7 +469,8 @@ class SwinTransformer(nn.Module):
             self.absolute_pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
 
-        drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # rises linearly over all blocks
+        # Rises linearly over all blocks; plain Python, so that the model can be built on the meta device.
+        drop_path = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         self.layers = nn.ModuleList()
         feature_size = (-(-self.img_size[0] // patch_size), -(-self.img_size[1] // patch_size))
         for i, depth in enumerate(depths):
