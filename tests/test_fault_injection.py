@@ -29,6 +29,8 @@ from swinlab.tasks import ClassificationTask
 from swinlab.validation import ConfigError
 from tests.helpers import ROOT, TINY_SWIN, write_fashion_mnist
 
+pytestmark = pytest.mark.slow
+
 QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
 

@@ -142,6 +142,28 @@ def test_failing_points_are_logged_recorded_and_the_others_still_run(tmp_path, f
     assert "3 points x 1 seeds, 2 to run" in caplog.text
 
 
+def test_a_point_that_raises_system_exit_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """A fit that calls ``sys.exit`` (as argparse-style code does on a bad argument) fails its point only."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"seeds": [0], "points": [{"trainer.max_epochs": 1}, {"trainer.max_epochs": 2}]}))
+    out = tmp_path / "sweep"
+
+    def fit_or_exit(config, run_dir, overrides, seed, extra_args):
+        if overrides["trainer.max_epochs"] == 1:
+            raise SystemExit(2)
+        row = {"point": run_dir.parent.name, "seed": seed, "overrides": overrides, "metric": "val/top1", "best": 0.5}
+        row |= {"params_m": None, "gmacs": None, "images_per_s": None, "wall_s": 1.0, "epochs": 2}
+        (run_dir / sweep.RESULT_FILE).write_text(json.dumps(row))
+        return row
+
+    monkeypatch.setattr(sweep, "run_fit", fit_or_exit)
+    assert sweep.main(["--config", str(QUICKSTART), "--grid", str(grid), "--out", str(out)]) == 1
+    failure = json.loads((out / "max_epochs=1" / "seed0" / sweep.FAILED_FILE).read_text())
+    assert failure["error"] == "SystemExit: 2" and failure["overrides"] == {"trainer.max_epochs": 1}
+    assert [row["point"] for row in read_results(out)] == ["max_epochs=2"]
+    assert "| max_epochs=1 | 0 | SystemExit: 2 |" in (out / "results.md").read_text()
+
+
 def test_grid_is_crossed_with_points(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("seeds: [0, 1]\npoints: [{a.shift: true}, {a.shift: false}]\ngrid: {a.window_size: [3, 5]}\n")
@@ -176,7 +198,8 @@ def test_python_m_swinlab_sweep_dispatches_and_reports_bad_input(tmp_path):
         "1",
         "--dry-run",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # swinlab from this checkout, whatever the working folder
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert (
         done.returncode == 0 and "1 points x 1 seeds, 1 to run" in done.stderr and "shift=false seed 1" in done.stderr
     )
@@ -202,7 +225,9 @@ def test_submitit_sweep_gathers_results_and_resubmits_a_killed_run(
     tmp_path, fashion_mnist_dir, tiny_swin, caplog, monkeypatch
 ):
     """Real subprocess jobs (submitit's local executor); one is killed mid-fit; the restarted sweep reruns only it."""
-    monkeypatch.chdir(ROOT)  # the jobs unpickle swinlab.sweep.run_fit from their working folder
+    # The jobs unpickle swinlab.sweep.run_fit: from this checkout, whatever the working folder.
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.INFO, logger="swinlab.sweep")
     grid = write_shift_grid(tmp_path / "grid.yaml")
     out = tmp_path / "sweep"

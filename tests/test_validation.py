@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from swinlab import validation
 from swinlab.cli import main
 from swinlab.data import ADE20KDataModule
+from swinlab.models import create_model, list_models
 from swinlab.tasks import SegmentationTask
 from swinlab.validation import ConfigError, check_num_classes
 from tests.helpers import ROOT
@@ -107,3 +109,18 @@ def test_segmentation_num_classes_is_checked_against_the_data(tmp_path):
     five = ADE20KDataModule(str(tmp_path), class_names=["a", "b", "c", "d", "e"])
     with pytest.raises(ConfigError, match=r"the model's num_classes=4 but the data has 5 classes \(ADE20KDataModule"):
         check_num_classes(task, five)
+
+
+def test_config_checks_build_every_registered_backbone_on_the_meta_device(monkeypatch):
+    """No weights are made to check a config: every registered backbone is built on the meta device, whole."""
+    built = []
+
+    def recording_create_model(*args, **kwargs):
+        model = create_model(*args, **kwargs)
+        built.append({parameter.device.type for parameter in model.parameters()})
+        return model
+
+    monkeypatch.setattr(validation, "create_model", recording_create_model)
+    for name in list_models():
+        assert validation.backbone_problems(name, {"drop_path_rate": 0.1}, "model.init_args") == [], name
+    assert built == [{"meta"}] * len(list_models())

@@ -10,6 +10,8 @@ import torch
 
 from tests.helpers import load_script
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def restore_threads():

@@ -4,6 +4,8 @@ import pytest
 
 from tests.helpers import load_script
 
+pytestmark = pytest.mark.slow
+
 complexity = load_script("complexity")
 
 

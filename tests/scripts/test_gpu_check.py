@@ -11,6 +11,8 @@ import torch
 from swinlab.models.flops import flop_counter_mode
 from tests.helpers import load_script
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def gpu_check():
