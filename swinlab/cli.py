@@ -155,17 +155,11 @@ class SwinLabCLI(LightningCLI):
         """The subcommand being run, else :attr:`command`."""
         return self.subcommand or self.command
 
-    def setup_parser(
-        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
-    ) -> None:
-        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
-        if not add_subcommands:
-            self.add_command_arguments(self.parser, self.command)
+    _parser_command: str | None = None  # the subcommand whose parser is being set up (None: the root parser's)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        self.add_command_arguments(parser, subcommand)
-        return parser
+        self._parser_command = subcommand  # for add_arguments_to_parser, which LightningCLI calls from here
+        return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
 
     def add_command_arguments(self, parser: LightningArgumentParser, command: str) -> None:
         """The arguments of one command, after those all commands share (:meth:`add_arguments_to_parser`)."""
@@ -186,6 +180,7 @@ class SwinLabCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(NonFiniteLossGuard, "non_finite")
+        self.add_command_arguments(parser, self._parser_command or self.command)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, turning an unknown key into a ``ConfigError`` naming the closest valid keys, and check a
