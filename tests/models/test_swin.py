@@ -1,6 +1,7 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from swinlab.models import create_model, load_pretrained
 from swinlab.models.swin import SwinBlock, SwinOptions
@@ -221,6 +222,33 @@ def test_position_bias_variants(position_bias, relative, absolute):
     if absolute:
         assert model.absolute_pos_embed.grad.abs().sum() > 0
         assert model(torch.randn(1, 3, 40, 24)).shape == (1, 4)  # another size interpolates the embedding
+
+
+def test_absolute_embedding_is_resized_bicubically_at_another_input_size():
+    """The first stage's input at another size is patch embedding + the bicubic-resized absolute embedding (as the
+    official and timm loaders resize it); a bilinear resize differs by up to 0.83 here, ~1e5x the tolerance."""
+    torch.manual_seed(0)
+    model = create_model(
+        "swin_t",
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=8,
+        depths=(2,),
+        num_heads=(2,),
+        num_classes=2,
+        position_bias="absolute",
+    ).eval()
+    with torch.no_grad():
+        model.absolute_pos_embed.normal_()  # an embedding with detail between grid points
+    stage_inputs = []
+    model.layers[0].register_forward_pre_hook(lambda _, args: stage_inputs.append(args[0]))
+    x = torch.randn(1, 3, 24, 44)  # a 12 x 22 grid, from the 16 x 16 one
+    with torch.no_grad():
+        model(x)
+        pos = F.interpolate(model.absolute_pos_embed.permute(0, 3, 1, 2), size=(12, 22), mode="bicubic")
+        expected = model.patch_embed(x) + pos.permute(0, 2, 3, 1)
+    torch.testing.assert_close(stage_inputs[0], expected, atol=1e-5, rtol=0)
 
 
 def block_calls(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[SwinBlock, torch.Tensor, int, torch.Tensor]]:
