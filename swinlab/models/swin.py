@@ -181,7 +181,9 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-def bias_indices(window: int, table_window: int, pretrained_window: int, cpb: bool) -> tuple[torch.Tensor, ...]:
+def bias_indices(
+    window: int, table_window: int, pretrained_window: int, cpb: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(index (N, N) into the bias table, CPB coordinates or None) of a ``window`` in a layer built for
     ``table_window`` (equal, or smaller where the window is clipped to a small feature map)."""
     if not cpb:  # a clipped window reads the full table at its own offsets

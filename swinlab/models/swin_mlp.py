@@ -10,7 +10,7 @@ stage layout, features and heads) is the Swin Transformer's, so every task can u
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +142,7 @@ class SwinMLP(SwinTransformer):
         self,
         num_heads: Sequence[int] = (8, 16, 32, 64),
         window_size: int = 8,
-        position_bias: str = "none",
+        position_bias: Literal["none", "absolute"] = "none",
         **kwargs: Any,
     ) -> None:
         if position_bias not in ("none", "absolute"):

@@ -72,6 +72,8 @@ def test_shift_switch_and_position_bias_choices():
     assert create_model("swin_mlp_t", **TINY, position_bias="absolute").absolute_pos_embed is not None
     with pytest.raises(ValueError, match="position_bias 'none' or 'absolute'"):
         create_model("swin_mlp_t", **TINY, position_bias="relative")
+    with pytest.raises(ValueError, match="no window attention, so it takes no qkv_bias, padding"):
+        create_model("swin_mlp_t", **TINY, padding="mask", qkv_bias=False)
 
 
 def test_gradient_checkpointing_recomputes_blocks_and_gives_same_gradients():
