@@ -133,8 +133,8 @@ def remap_relative_position_bias_table(relative_position_bias_table_pretrained, 
 
     r_ids = [-_ for _ in reversed(dis)]
 
-    x = r_ids + [0] + dis
-    y = r_ids + [0] + dis
+    x = r_ids + [0] + dis  # noqa: RUF005 (as the official code)
+    y = r_ids + [0] + dis  # noqa: RUF005
 
     t = dst_size // 2.0
     dx = np.arange(-t, t + 0.1, 1.0)
