@@ -8,6 +8,7 @@ import torch
 
 from swinlab.models import MaskGenerator, SimMIM, create_model, load_pretrained
 from swinlab.models.simmim import load_simmim_pretrained
+from tests.helpers import moved_off_init
 from tests.reference import official_simmim
 
 # Two stages at 64x64: patch 4, maps 16x16 and 8x8, window 4 (shifted blocks in both), total stride 8.
@@ -15,21 +16,10 @@ SHAPE = dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_
 TIMM = {"v1": "swin_tiny_patch4_window7_224", "v2": "swinv2_tiny_window8_256"}
 
 
-def randomised(model: torch.nn.Module) -> torch.nn.Module:
-    """Norms, biases, logit scales and CPB weights moved off their init (zeros and ones hide mistakes)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or "bias" in name or "logit_scale" in name:
-                param.add_(0.3 * torch.randn_like(param))
-            if "cpb_mlp" in name:
-                param.normal_(0, 1 / param.shape[-1] ** 0.5)
-    return model
-
-
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_loss_and_reconstruction_equal_the_official_simmim(version, tmp_path):
     torch.manual_seed(0)
-    reference_swin = randomised(timm.create_model(TIMM[version], pretrained=False, num_classes=0, **SHAPE)).eval()
+    reference_swin = moved_off_init(timm.create_model(TIMM[version], pretrained=False, num_classes=0, **SHAPE)).eval()
     torch.save(reference_swin.state_dict(), tmp_path / "timm.pth")
     encoder = create_model("swin_t" if version == "v1" else "swinv2_t", num_classes=0, **SHAPE).eval()
     assert not load_pretrained(encoder, tmp_path / "timm.pth").missing_keys
