@@ -36,7 +36,8 @@ class MaskedImageModelingTask(SwinTask):
     """
 
     backbone_path = "model.encoder"
-    hparams_ignore = ("num_pictures",)
+    # num_classes: the placeholder SwinTask needs, no argument of this task (a checkpoint must not name it).
+    hparams_ignore = ("num_pictures", "num_classes")
 
     def __init__(
         self,

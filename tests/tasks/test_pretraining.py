@@ -119,3 +119,15 @@ def test_killed_pretraining_resumes_to_the_uninterrupted_weights(tmp_path):
     assert resumed["global_step"] == uninterrupted["global_step"] == 2 * STEPS_PER_EPOCH
     for key, value in uninterrupted["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_validate_from_a_pretraining_checkpoint(fashion_mnist_dir, tmp_path):
+    """LightningCLI applies a checkpoint's hyper-parameters to the config: they hold no num_classes to refuse."""
+    data = [f"--data.init_args.data_dir={fashion_mnist_dir}", "--data.init_args.val_size=8"]
+    args = tiny_args(QUICKSTART, data, tmp_path, in_chans=1)
+    main([*args, "--trainer.max_steps=1", "--trainer.limit_val_batches=1"])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "num_classes" not in checkpoint["hyper_parameters"]
+    validate = ["validate", *args[1:], f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"]
+    cli = main([*validate, "--trainer.limit_val_batches=1"])
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
