@@ -75,6 +75,12 @@ class MaskedImageModelingTask(SwinTask):
     def configure_metrics(self) -> None:
         """The loss is the only measure."""
 
+    def configure_model(self) -> None:
+        """``compile: true`` compiles the whole SimMIM module: it runs the encoder's parts, not the encoder's call."""
+        if self.compile_kwargs is not None and not self._compiled:
+            self.model.compile(**self.compile_kwargs)
+            self._compiled = True
+
     @property
     def example_input_array(self) -> Any:
         channels, height, width = self.example_image_shape()

@@ -131,3 +131,11 @@ def test_validate_from_a_pretraining_checkpoint(fashion_mnist_dir, tmp_path):
     validate = ["validate", *args[1:], f"--ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"]
     cli = main([*validate, "--trainer.limit_val_batches=1"])
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+def test_compile_reaches_the_simmim_step():
+    task = MaskedImageModelingTask("swin_t", TINY_SWIN, compile=True, compile_kwargs={"backend": "eager"})
+    task.configure_model()
+    assert task.model._compiled_call_impl is not None
+    loss, _ = task(torch.randn(2, 3, 32, 32), torch.zeros(2, 16, 16, dtype=torch.long))
+    assert torch.isfinite(loss)
