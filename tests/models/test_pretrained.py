@@ -151,3 +151,17 @@ def test_simmim_checkpoint_gives_its_encoder_to_a_dense_backbone(tmp_path):
     assert [k for k in result.missing_keys if not k.startswith(("norm0", "norm1"))] == []
     assert not result.unexpected_keys
     torch.testing.assert_close(dense.patch_embed.proj.weight, encoder.patch_embed.proj.weight, rtol=0, atol=0)
+
+
+def test_swinv2_simmim_checkpoint_moves_to_another_window_through_pretrained_window_size(tmp_path):
+    """V2's continuous position bias has no table: the CPB MLP carries over, the new window names the old one."""
+    from swinlab.tasks import ClassificationTask, MaskedImageModelingTask
+
+    pretraining = MaskedImageModelingTask("swinv2_t", {**SIMMIM_SHAPE, "window_size": 6})
+    torch.save({"state_dict": pretraining.state_dict()}, tmp_path / "v2.ckpt")
+    kwargs = {**SIMMIM_SHAPE, "window_size": 7, "pretrained_window_size": 6}
+    task = ClassificationTask("swinv2_t", kwargs, pretrained=str(tmp_path / "v2.ckpt"), num_classes=10)
+    loaded, pretrained = task.backbone.state_dict(), pretraining.model.encoder.state_dict()
+    cpb = [key for key in pretrained if "cpb_mlp" in key]
+    assert cpb and all(torch.equal(loaded[key], pretrained[key]) for key in cpb)
+    assert task.backbone.layers[0].blocks[0].attn.pretrained_window_size == 6
