@@ -34,8 +34,10 @@ from swinlab.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from swinlab.models.simmim import MaskGenerator
 
 Source = Literal["auto", "folder", "fashion_mnist", "huggingface"]
-# Every extension Pillow has a decoder for (".jpg", ".png", ".tif", ".webp", ...).
-PILLOW_EXTENSIONS = frozenset(extension.lower() for extension in Image.registered_extensions())
+# Every extension Pillow has a decoder for (".jpg", ".png", ".tif", ".webp", ...; not its write-only ".pdf").
+PILLOW_EXTENSIONS = frozenset(
+    extension.lower() for extension, kind in Image.registered_extensions().items() if kind in Image.OPEN
+)
 _EVAL_EPOCH = -1  # the "epoch" of validation samples: fixed masks
 
 
