@@ -31,6 +31,12 @@ that the compiled model is timed in alternation with the eager peers; ``swinlab-
     python scripts/benchmark.py --sizes t --batch-sizes 8 --modes train --threads 2 \\
         --impls timm swinlab swinlab-compiled swinlab-compiled-fused
 
+SimMIM pre-training (``--modes pretrain``, issue 26): a training step of swinlab's ``SimMIM`` (``simmim``) against
+Hugging Face transformers' ``SwinForMaskedImageModeling`` (``simmim-hf``), the same Swin shape (window = image size
+/ 32, Swin-T: 6 at 192), batch and input, the same masks (mask patch 32, ratio 0.6) and AdamW:
+
+    python scripts/benchmark.py --sizes t --image-size 192 --batch-sizes 8 --modes pretrain --impls simmim simmim-hf
+
 ``--clock thread`` (CPU, one thread) times each step by the CPU time of the calling thread, where torch and
 onnxruntime then do all their work, so time the core spends on other processes is not counted.
 
@@ -64,7 +70,7 @@ import torchvision
 from torch import nn
 
 from swinlab.export import OnnxModel, export_onnx, optimize_graph, quantize_int8
-from swinlab.models import create_model
+from swinlab.models import MaskGenerator, SimMIM, create_model
 from swinlab.models.kernels import AttentionKernel
 
 PEERS = ("timm", "torchvision")
@@ -81,7 +87,10 @@ FAST_PATHS = (*ONNX_IMPLEMENTATIONS, "swinlab-bf16")
 # swinlab under torch.compile whatever --compile says, so that it is timed in alternation with the eager peers (what
 # `compile: true` in a task gives); "-fused" also steps AdamW(fused=True) instead of the default foreach AdamW.
 COMPILED_SWINLAB = ("swinlab-compiled", "swinlab-compiled-fused")
-IMPLEMENTATIONS = ("swinlab", *PEERS, *COMPILED_SWINLAB, *FAST_PATHS)
+# SimMIM pre-training steps (mode ``pretrain`` only): swinlab's and Hugging Face transformers'.
+PRETRAIN_PEER = "simmim-hf"
+PRETRAINING = ("simmim", PRETRAIN_PEER)
+IMPLEMENTATIONS = ("swinlab", *PEERS, *COMPILED_SWINLAB, *FAST_PATHS, *PRETRAINING)
 # size -> (swinlab name, timm name, torchvision builder, the paper's stochastic-depth rate)
 MODELS = {
     "t": ("swin_t", "swin_tiny_patch4_window7_224", torchvision.models.swin_t, 0.2),
@@ -169,6 +178,51 @@ def make_fast_path_step(
     session = OnnxModel(onnx_model_path(impl, size, num_classes, images.shape[-1]), threads=torch.get_num_threads())
     array = images.numpy()
     return lambda: session(array)
+
+
+def make_pretrain_step(impl: str, size: str, images: torch.Tensor, swinlab_attention: str) -> Callable[[], None]:
+    """One SimMIM training step (forward, masked L1 loss, backward, AdamW) of ``impl`` on ``images`` (B, 3, S, S)
+    with window S / 32 and official masks (mask patch 32, ratio 0.6), no stochastic depth (SimMIM pre-training's)."""
+    image_size = images.shape[-1]
+    torch.manual_seed(0)
+    encoder = create_model(
+        MODELS[size][0],
+        num_classes=0,
+        img_size=image_size,
+        window_size=image_size // 32,
+        drop_path_rate=0.0,
+        attention=swinlab_attention,
+    )
+    generator = torch.Generator().manual_seed(0)
+    masks = MaskGenerator(image_size, 32, 4, 0.6)
+    mask = torch.stack([masks(generator) for _ in range(len(images))]).to(images.device)
+    if impl == "simmim":
+        model = SimMIM(encoder).to(images.device).train()
+        loss_of = lambda: model(images, mask)[0]  # noqa: E731
+    else:
+        from transformers import SwinConfig, SwinForMaskedImageModeling
+
+        config = SwinConfig(
+            image_size=image_size,
+            patch_size=4,
+            embed_dim=encoder.embed_dim,
+            depths=list(encoder.depths),
+            num_heads=list(encoder.num_heads),
+            window_size=image_size // 32,
+            drop_path_rate=0.0,
+            encoder_stride=32,
+        )
+        model = SwinForMaskedImageModeling(config).to(images.device).train()
+        bool_masked_pos = mask.flatten(1).bool()
+        loss_of = lambda: model(pixel_values=images, bool_masked_pos=bool_masked_pos).loss  # noqa: E731
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        loss_of().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def synchronize(device: torch.device) -> None:
@@ -280,6 +334,10 @@ def benchmark_config(
     The CPU fast paths (``FAST_PATHS``) run only for fp32 inference on the CPU without torch.compile; elsewhere
     they are left out (and said so).
     """
+    kept = [impl for impl in impls if (impl in PRETRAINING) == (mode == "pretrain")]
+    if kept != impls:
+        print(f"skipped {[impl for impl in impls if impl not in kept]} in mode {mode}: pretrain times simmim* only")
+        impls = kept
     fast_paths_apply = mode == "infer" and device.type == "cpu" and precision == "fp32" and not compiled
     if not fast_paths_apply and any(impl in FAST_PATHS for impl in impls):
         print(f"skipped {[i for i in impls if i in FAST_PATHS]}: CPU fp32 inference without compile only")
@@ -291,6 +349,8 @@ def benchmark_config(
     for impl in impls:
         if impl in FAST_PATHS:
             steps[impl] = make_fast_path_step(impl, size, num_classes, images, swinlab_attention)
+        elif impl in PRETRAINING:
+            steps[impl] = make_pretrain_step(impl, size, images, swinlab_attention)
         else:
             torch.manual_seed(0)
             model = build_model(impl, size, num_classes, image_size, swinlab_attention).to(device)
@@ -336,22 +396,22 @@ def format_table(results: list[Result]) -> str:
     """One row per measurement; ``vs timm`` / ``vs tv`` are the row's images/s over the peer's (same precision,
     compile, batch and mode), on every row but the peers' own."""
     header = (
-        f"{'model':8} {'impl':20} {'mode':6} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
-        f"{'peak MiB':>9} {'vs timm':>8} {'vs tv':>7}"
+        f"{'model':8} {'impl':20} {'mode':8} {'prec':5} {'compile':7} {'batch':>5} {'img/s':>9} "
+        f"{'peak MiB':>9} {'vs timm':>8} {'vs tv':>7} {'vs hf':>7}"
     )
     lines = [header, "-" * len(header)]
     key = lambda r: (r.model, r.device, r.precision, r.compiled, r.batch_size, r.mode)  # noqa: E731
-    peers = {(key(r), r.impl): r.images_per_s for r in results if r.impl in PEERS}
+    peers = {(key(r), r.impl): r.images_per_s for r in results if r.impl in (*PEERS, PRETRAIN_PEER)}
     for r in results:
         ratios = ""
-        if r.impl not in PEERS:
+        if r.impl not in (*PEERS, PRETRAIN_PEER):
             ratios = " ".join(
                 f"{r.images_per_s / peers[(key(r), peer)]:>{w}.2f}x" if (key(r), peer) in peers else " " * (w + 1)
-                for peer, w in (("timm", 7), ("torchvision", 6))
+                for peer, w in (("timm", 7), ("torchvision", 6), (PRETRAIN_PEER, 6))
             )
         memory = f"{r.peak_memory_mb:9.0f}" if r.peak_memory_mb is not None else f"{'-':>9}"
         lines.append(
-            f"{r.model:8} {r.impl:20} {r.mode:6} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
+            f"{r.model:8} {r.impl:20} {r.mode:8} {r.precision:5} {r.compiled!s:7} {r.batch_size:>5} "
             f"{r.images_per_s:9.2f} {memory} {ratios}"
         )
     return "\n".join(lines)
@@ -390,7 +450,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"], help="torch.compile each model")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
-    parser.add_argument("--modes", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=("infer", "train", "pretrain"),
+        default=["infer", "train"],
+        help="pretrain: SimMIM training steps of the simmim and simmim-hf implementations only",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation (compile happens here)")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation; the median is reported")
     parser.add_argument("--num-classes", type=int, default=1000)

@@ -11,7 +11,13 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 # Parameters that the official recipes exclude from weight decay besides biases and norms.
-NO_DECAY_KEYWORDS: tuple[str, ...] = ("relative_position_bias_table", "absolute_pos_embed", "cls_token")
+# (``mask_token``: SimMIM's, excluded by its official ``no_weight_decay``.)
+NO_DECAY_KEYWORDS: tuple[str, ...] = (
+    "relative_position_bias_table",
+    "absolute_pos_embed",
+    "cls_token",
+    "mask_token",
+)
 
 
 def param_groups(

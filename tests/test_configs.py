@@ -76,11 +76,20 @@ def test_paper_configs_take_the_shape_from_the_registry_name(config: Path) -> No
 @pytest.mark.parametrize("config", PAPER, ids=[str(p.relative_to(CONFIGS)) for p in PAPER])
 def test_recipes_start_from_published_weights_of_their_own_model(config: Path) -> None:
     """Detection, segmentation and fine-tuning recipes name official release weights (docs/weights.md) of the same
-    model size; ImageNet pre-training recipes start from scratch."""
+    model size; ImageNet and SimMIM pre-training recipes start from scratch, SimMIM fine-tuning from the last
+    checkpoint of the SimMIM recipe of its model."""
     init_args = compose(config)["model"]["init_args"]
     pretrained = init_args.get("pretrained")
-    if config.parent.name == "classification" and "finetune" not in config.name:
+    if config.parent.name == "pretraining" or (
+        config.parent.name == "classification" and "finetune" not in config.name
+    ):
         assert pretrained is None
+        return
+    if "simmim" in config.name:
+        run = Path(pretrained).parts[1]
+        assert (
+            compose(CONFIGS / "pretraining" / f"{run}.yaml")["model"]["init_args"]["backbone"] == init_args["backbone"]
+        )
         return
     assert pretrained in PUBLISHED
     size = {"t": "tiny", "s": "small", "b": "base", "l": "large"}[init_args["backbone"].split("_")[-1]]

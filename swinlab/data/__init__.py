@@ -15,3 +15,7 @@ __all__ += ["FashionMNISTDataModule", "ImageFolderDataModule", "ImageNetDataModu
 from swinlab.data.ade20k import ADE20KDataModule  # noqa: E402
 
 __all__ += ["ADE20KDataModule"]
+
+from swinlab.data.unlabeled import UnlabeledImageDataModule  # noqa: E402
+
+__all__ += ["UnlabeledImageDataModule"]

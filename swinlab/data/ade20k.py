@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -402,6 +402,8 @@ class ADE20KDataModule(BaseDataModule):
         batch_size: training images per device; eval_batch_size: images per evaluation step.
         on_bad_sample: ``skip`` (warn, count, use the next sample) or ``raise`` for an unreadable image or label map,
             sizes that differ, a label beyond ``class_names``, an image without a label map.
+        train_fraction: train on this fraction of the training images only (a fixed random choice by
+            ``split_seed``), for low-label runs (docs/pretraining.md).
     """
 
     eval_collate = staticmethod(collate_as_lists)
@@ -423,8 +425,13 @@ class ADE20KDataModule(BaseDataModule):
         num_workers: int = 4,
         predict_dir: str | None = None,
         on_bad_sample: OnBadSample = "skip",
+        train_fraction: float = 1.0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, on_bad_sample=on_bad_sample)
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        self.train_fraction, self.split_seed = train_fraction, split_seed
         self.data_root = Path(data_root)
         self.class_names = list(class_names) if class_names is not None else list(ADE20K_CLASSES)
         if not self.class_names:
@@ -471,6 +478,10 @@ class ADE20KDataModule(BaseDataModule):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.train_set = self._labelled("training", train=True)
+            if self.train_fraction < 1.0:
+                count = max(1, round(self.train_fraction * len(self.train_set)))
+                order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.split_seed))
+                self.train_set = Subset(self.train_set, order[:count].tolist())
         if stage in ("fit", "validate", "test"):
             self.val_set = self.test_set = self._labelled("validation", train=False)
         if stage == "predict":

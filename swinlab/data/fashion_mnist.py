@@ -80,6 +80,7 @@ class FashionMNISTDataModule(ClassificationDataModule):
     """Fashion-MNIST (10 classes, 60k train / 10k test, 28x28 grey) as (1, S, S) tensors, S = ``image_size``.
 
     ``val_size`` images of the training file (a fixed random choice, ``split_seed``) are held out for validation;
+    ``labels_per_class`` keeps only that many training images of each class (a random choice by ``split_seed``);
     the test loop runs on the 10k test file. Predict images are read as greyscale and resized to 28x28 first.
 
     ``download=True`` fetches the idx .gz files missing from ``data_dir`` (in ``prepare_data``, so once per node)
@@ -99,6 +100,7 @@ class FashionMNISTDataModule(ClassificationDataModule):
         crop_padding: int = 2,
         val_size: int = 5000,
         split_seed: int = 0,
+        labels_per_class: int | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -113,6 +115,7 @@ class FashionMNISTDataModule(ClassificationDataModule):
         self.data_dir = Path(data_dir)
         self.val_size = val_size
         self.split_seed = split_seed
+        self.labels_per_class = labels_per_class
         self.class_names = list(FASHION_MNIST_CLASSES)
         self.train_transform = fashion_mnist_transform(image_size, augment=augment, crop_padding=crop_padding)
         self.eval_transform = fashion_mnist_transform(image_size)
@@ -199,6 +202,8 @@ class FashionMNISTDataModule(ClassificationDataModule):
                 raise ValueError(f"val_size must be in (0, {len(labels)}), got {self.val_size}")
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.split_seed))
             val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            if self.labels_per_class is not None:  # low-label runs: the first of each class in the seeded order
+                train_idx = torch.cat([train_idx[labels[train_idx] == c][: self.labels_per_class] for c in range(10)])
             self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], self.train_transform)
             self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], self.eval_transform)
         elif stage == "test":

@@ -13,8 +13,10 @@ import re
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.interpolate import RectBivariateSpline
 from torch import nn
 
 from swinlab.models.checkpoint_file import read_checkpoint_file, unwrap_weights
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 _BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table")
 _OFFICIAL_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+# The parts of a SimMIM pre-training checkpoint (official or swinlab) that are not the encoder.
+_SIMMIM_PART = re.compile(r"(^|\.)(mask_token$|decoder\.)")
 
 
 class LoadResult(NamedTuple):
@@ -83,6 +87,37 @@ def resize_relative_bias_table(table: torch.Tensor, window: int) -> torch.Tensor
     return grid.reshape(-1, new * new).T.to(table.dtype)
 
 
+def geometric_resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """((2M'-1)^2, heads) -> ((2M-1)^2, heads) as SimMIM fine-tuning does (``remap_pretrained_keys_swin`` in
+    microsoft/SimMIM utils.py, BEiT's method): the source offsets are spread on a geometric progression that reaches
+    the target's half-width, and a 2-D cubic spline through them (scipy's ``interp2d(kind="cubic")`` there, the same
+    spline as ``RectBivariateSpline(kx=3, ky=3, s=0)`` on a grid) is read at the target's integer offsets."""
+    src, dst = round(table.shape[0] ** 0.5), 2 * window - 1
+    left, right = 1.01, 1.5  # bisection for the ratio q with 1 + q + ... + q^(src//2 - 1) = dst // 2
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (src // 2)) / (1.0 - q) > dst // 2:
+            right = q
+        else:
+            left = q
+    distances = np.cumsum([1.0] + [q ** (i + 1) for i in range(src // 2 - 1)])
+    source = np.concatenate([-distances[::-1], [0.0], distances])
+    target = np.arange(-(dst // 2), dst // 2 + 0.1, 1.0)
+    grids = table.detach().float().cpu().numpy().T.reshape(-1, src, src)
+    resized = [RectBivariateSpline(source, source, grid, kx=3, ky=3, s=0)(target, target) for grid in grids]
+    return torch.from_numpy(np.stack(resized).reshape(len(resized), -1).T.copy()).to(table.dtype)
+
+
+def split_simmim_parts(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(encoder part, {mask token and decoder})`` of a SimMIM pre-training state dict (official
+    ``encoder.mask_token`` / ``decoder.0.*``, or a swinlab ``MaskedImageModelingTask`` checkpoint); any other state
+    dict is all encoder part. The SimMIM part keeps its keys as they are."""
+    if not any(key.endswith("mask_token") for key in state):
+        return state, {}
+    simmim = {key: value for key, value in state.items() if _SIMMIM_PART.search(key)}
+    return {key: value for key, value in state.items() if key not in simmim}, simmim
+
+
 def resize_absolute_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(1, L, C) or (1, H, W, C) -> (1, *grid, C) by bicubic interpolation."""
     if pos.ndim == 3:
@@ -102,11 +137,36 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
     that a features model (``out_indices``) has no use for are skipped quietly. Missing and unexpected keys are
     logged by name; any other shape mismatch raises a ValueError naming the key, both shapes and the file.
     A model that knows its own checkpoint layout (``TimmBackbone``) loads through its ``load_pretrained_file``.
+    A SimMIM pre-training checkpoint (official or swinlab) gives its encoder: the mask token and decoder are
+    dropped (named once in the log) and the bias tables resized by SimMIM's geometric interpolation. A file with
+    none of the model's weights raises a ValueError.
     """
     if hasattr(model, "load_pretrained_file"):
         return model.load_pretrained_file(path)
-    state = to_swinlab_layout(read_state_dict(path))
+    state, simmim = split_simmim_parts(read_state_dict(path))
+    if simmim:
+        logger.info(
+            "%s: a SimMIM pre-training checkpoint: its encoder is loaded, %s dropped",
+            path,
+            ", ".join(sorted(simmim)),
+        )
+    return load_state(model, state, path, geometric=bool(simmim))
+
+
+def load_state(
+    model: nn.Module, state: dict[str, torch.Tensor], path: str | Path, geometric: bool = False
+) -> LoadResult:
+    """``load_pretrained`` of a state dict read from ``path`` (named in messages). ``geometric`` resizes the
+    relative-position-bias tables as SimMIM fine-tuning does (``geometric_resize_bias_table``), else bicubic."""
+    state = to_swinlab_layout(state)
     target = model.state_dict()
+    if not any(key in target for key in state):
+        raise ValueError(
+            f"{path} holds no Swin encoder for this model: none of its {len(state)} tensors "
+            f"({', '.join(list(state)[:3])}, ...) is a weight of the model; pass an official, timm or swinlab Swin "
+            "checkpoint, or a SimMIM pre-training one"
+        )
+    resize_table = geometric_resize_bias_table if geometric else resize_relative_bias_table
     features_only = getattr(model, "out_indices", None) is not None
     converted, skipped = {}, []
     for key, value in state.items():
@@ -118,7 +178,7 @@ def load_pretrained(model: nn.Module, path: str | Path) -> LoadResult:
             continue
         want = target[key].shape
         if key.endswith("relative_position_bias_table") and value.shape != want:
-            value = resize_relative_bias_table(value, round((want[0] ** 0.5 + 1) / 2))
+            value = resize_table(value, round((want[0] ** 0.5 + 1) / 2))
         elif key == "absolute_pos_embed":
             value = resize_absolute_pos_embed(value, tuple(want[1:3]))
         elif key.startswith("head.") and value.shape != want:

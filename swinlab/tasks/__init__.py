@@ -3,6 +3,14 @@
 from swinlab.tasks.base import SwinTask, build_backbone
 from swinlab.tasks.classification import ClassificationTask
 from swinlab.tasks.detection import DetectionTask
+from swinlab.tasks.pretraining import MaskedImageModelingTask
 from swinlab.tasks.segmentation import SegmentationTask
 
-__all__ = ["ClassificationTask", "DetectionTask", "SegmentationTask", "SwinTask", "build_backbone"]
+__all__ = [
+    "ClassificationTask",
+    "DetectionTask",
+    "MaskedImageModelingTask",
+    "SegmentationTask",
+    "SwinTask",
+    "build_backbone",
+]

@@ -69,6 +69,19 @@ def test_folder_layout_train_and_eval_samples(ade_folder: Path) -> None:
     assert val["image"][0].shape == (3, *rescale_size(44, 52, (128, 32))) == (3, 32, 38)
 
 
+def test_train_fraction_keeps_a_fixed_choice_of_training_images(ade_folder: Path) -> None:
+    """Low-label runs (docs/pretraining.md): 2 of the 3 training images, the same choice every epoch and run."""
+    chosen = []
+    for _ in range(2):
+        module = _module(ade_folder, train_fraction=0.6, split_seed=1)
+        module.setup("fit")
+        assert len(module.datasets["train"]) == 2 and len(module.datasets["val"]) == 2
+        chosen.append(module.train_set.indices)
+    assert chosen[0] == chosen[1]
+    with pytest.raises(ValueError, match=r"train_fraction must be in \(0, 1\], got 0"):
+        _module(ade_folder, train_fraction=0)
+
+
 def test_without_reduce_zero_label_zero_is_a_class(ade_folder: Path) -> None:
     module = _module(ade_folder, class_names=["other", "a", "b", "c"], reduce_zero_label=False)
     module.setup("validate")

@@ -142,3 +142,15 @@ def test_download_without_network_names_the_folder_and_both_ways(tmp_path, monke
     message = str(error.value)
     assert str(tmp_path) in message and "127.0.0.1:9" in message
     assert "apt-get install dataset-fashion-mnist" in message and "download=true" in message
+
+
+def test_labels_per_class_keeps_that_many_of_each_class_chosen_by_the_split_seed(fashion_mnist_dir):
+    """Low-label fine-tuning (docs/pretraining.md): 40 images, 8 held out, 2 of each class kept."""
+    kept = []
+    for seed in (0, 1):
+        data = FashionMNISTDataModule(str(fashion_mnist_dir), val_size=8, split_seed=seed, labels_per_class=2)
+        data.setup("fit")
+        labels = data.train_set.labels
+        assert torch.bincount(labels, minlength=10).tolist() == [2] * 10 and len(data.val_set) == 8
+        kept.append(data.train_set.images)
+    assert not torch.equal(kept[0], kept[1])

@@ -89,3 +89,79 @@ def test_lightning_checkpoint_keeps_only_the_backbone(tmp_path):
     result = load_pretrained(target, tmp_path / "last.ckpt")
     assert not result.missing_keys and not result.unexpected_keys
     assert torch.equal(target.head.weight, source.head.weight)
+
+
+# --- SimMIM pre-training checkpoints --------------------------------------------------------------------------------
+
+SIMMIM_SHAPE = dict(img_size=48, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), drop_path_rate=0.0)
+
+
+def simmim_checkpoints(tmp_path):
+    """A window-6 SimMIM pre-training as an official release file and as a swinlab Lightning checkpoint."""
+    from swinlab.tasks import MaskedImageModelingTask
+
+    torch.manual_seed(0)
+    task = MaskedImageModelingTask("swin_t", {**SIMMIM_SHAPE, "window_size": 6})
+    with torch.no_grad():
+        for layer in task.model.encoder.layers:
+            for block in layer.blocks:
+                block.attn.relative_position_bias_table.normal_()
+    simmim = task.model
+    official = {
+        "encoder." + key.replace("layers.1.downsample.", "layers.0.downsample."): value
+        for key, value in simmim.encoder.state_dict().items()
+    }
+    official["encoder.mask_token"] = simmim.mask_token.detach()
+    official.update({f"decoder.{k}": v for k, v in simmim.decoder.state_dict().items()})
+    torch.save({"model": official, "epoch": 799}, tmp_path / "official_simmim.pth")
+    torch.save({"state_dict": task.state_dict(), "epoch": 3}, tmp_path / "swinlab_simmim.ckpt")
+    return task.model.encoder
+
+
+@pytest.mark.parametrize("file", ["official_simmim.pth", "swinlab_simmim.ckpt"])
+def test_simmim_window6_checkpoint_loads_into_window7_classification_by_the_official_remap(file, tmp_path, caplog):
+    from swinlab.tasks import ClassificationTask
+    from tests.reference.official_simmim import remap_relative_position_bias_table
+
+    encoder = simmim_checkpoints(tmp_path)
+    with caplog.at_level("INFO", logger="swinlab.models.pretrained"):
+        task = ClassificationTask(
+            "swin_t", {**SIMMIM_SHAPE, "window_size": 7}, pretrained=str(tmp_path / file), num_classes=10
+        )
+    dropped = [r.getMessage() for r in caplog.records if "SimMIM pre-training checkpoint" in r.getMessage()]
+    assert len(dropped) == 1 and "mask_token" in dropped[0] and "decoder.0.weight" in dropped[0]
+    assert not [r for r in caplog.records if "no place in the model" in r.getMessage()]  # nothing else left over
+    loaded, pretrained = task.backbone.state_dict(), encoder.state_dict()
+    for key, value in pretrained.items():
+        if key.endswith("relative_position_bias_table"):
+            expected = remap_relative_position_bias_table(value, loaded[key].shape[0])
+            assert loaded[key].shape == (13 * 13, value.shape[1])
+            torch.testing.assert_close(loaded[key], expected, rtol=0, atol=1e-5, msg=key)
+            # The spline passes through the pre-trained offsets: offset 0 keeps its bias.
+            torch.testing.assert_close(loaded[key][13 * 13 // 2], value[11 * 11 // 2], rtol=0, atol=1e-5)
+        elif not key.endswith("relative_position_index"):
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_simmim_checkpoint_gives_its_encoder_to_a_dense_backbone(tmp_path):
+    """Detection and segmentation build the backbone with out_indices: the encoder loads, the final norm is skipped."""
+    encoder = simmim_checkpoints(tmp_path)
+    dense = create_model("swin_t", **SIMMIM_SHAPE, window_size=6, num_classes=0, out_indices=(0, 1))
+    result = load_pretrained(dense, tmp_path / "official_simmim.pth")
+    assert [k for k in result.missing_keys if not k.startswith(("norm0", "norm1"))] == []
+    assert not result.unexpected_keys
+    torch.testing.assert_close(dense.patch_embed.proj.weight, encoder.patch_embed.proj.weight, rtol=0, atol=0)
+
+
+def test_swinv2_simmim_checkpoint_moves_to_another_window_through_pretrained_window_size(tmp_path):
+    """V2's continuous position bias has no table: the CPB MLP carries over, the new window names the old one."""
+    from swinlab.tasks import ClassificationTask, MaskedImageModelingTask
+
+    pretraining = MaskedImageModelingTask("swinv2_t", {**SIMMIM_SHAPE, "window_size": 6})
+    torch.save({"state_dict": pretraining.state_dict()}, tmp_path / "v2.ckpt")
+    kwargs = {**SIMMIM_SHAPE, "window_size": 7, "pretrained_window_size": 6}
+    task = ClassificationTask("swinv2_t", kwargs, pretrained=str(tmp_path / "v2.ckpt"), num_classes=10)
+    loaded, pretrained = task.backbone.state_dict(), pretraining.model.encoder.state_dict()
+    cpb = [key for key in pretrained if "cpb_mlp" in key]
+    assert cpb and all(torch.equal(loaded[key], pretrained[key]) for key in cpb)
+    assert task.backbone.layers[0].blocks[0].attn.pretrained_window_size == 6

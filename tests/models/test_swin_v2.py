@@ -8,7 +8,7 @@ import torch
 
 from swinlab.models import create_model, load_pretrained
 from swinlab.models.flops import count_macs
-from tests.helpers import official_layout
+from tests.helpers import moved_off_init, official_layout
 
 TINY = dict(img_size=64, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=8, num_classes=5)
 
@@ -17,14 +17,7 @@ def timm_v2(window_size: int = 8, **kwargs) -> torch.nn.Module:
     """timm's SwinV2-T in the TINY configuration, with every zero-initialised norm, bias and logit scale moved off
     its init and a CPB MLP whose bias varies with the offset (at init it is nearly constant, which softmax ignores)."""
     config = {**TINY, "window_size": window_size, "drop_path_rate": 0.0, **kwargs}
-    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, **config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or "bias" in name or "logit_scale" in name:
-                param.add_(0.3 * torch.randn_like(param))
-            if "cpb_mlp" in name:
-                param.normal_(0, 1 / param.shape[-1] ** 0.5)
-    return model
+    return moved_off_init(timm.create_model("swinv2_tiny_window8_256", pretrained=False, **config).eval())
 
 
 @pytest.mark.parametrize(

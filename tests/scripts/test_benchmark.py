@@ -145,3 +145,14 @@ def test_loader_benchmark_names_a_folder_too_small(tmp_path: Path) -> None:
                 str(tmp_path / "x.json"),
             ]
         )
+
+
+def test_pretrain_mode_times_simmim_against_transformers(tmp_path: Path, capsys, restore_threads) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--sizes", "t", "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--image-size", "64"]
+    args += ["--threads", "1", "--modes", "pretrain", "infer", "--impls", "simmim", "simmim-hf", "--json", str(out)]
+    load_script("benchmark").main(args)
+    rows = {(r["impl"], r["mode"]) for r in json.loads(out.read_text())["results"]}
+    assert rows == {("simmim", "pretrain"), ("simmim-hf", "pretrain")}  # no inference rows of pre-training models
+    table = capsys.readouterr().out
+    assert "vs hf" in table and "swin_t   simmim               pretrain" in table
