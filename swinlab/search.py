@@ -28,6 +28,8 @@ import json
 import logging
 import math
 import multiprocessing
+import os
+import socket
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -51,6 +53,7 @@ KINDS = ("float", "int", "choice")
 STUDY_NAME = "search"
 INTERRUPTED = "interrupted"  # user attribute of a trial a killed sweep left running (re-queued, not counted)
 ERROR = "error"
+WORKER = "worker"
 COLUMNS = ("number", "state", "value", "epochs", "wall_s")
 
 
@@ -180,9 +183,11 @@ def type_problem(dimension: Dimension, base_value: Any) -> str | None:
     if dimension.kind == "choice" or base_value is None:
         return None
     if isinstance(base_value, bool) or not isinstance(base_value, (int, float)):
-        return f"is {base_value!r} ({type(base_value).__name__}) in the base config: a {dimension.kind} range does "
+        return (
+            f"is {base_value!r} ({type(base_value).__name__}) in the base config: {{{dimension.kind}: [lo, hi]}} does "
+        )
     if dimension.kind == "float" and isinstance(base_value, int):
-        return f"is the int {base_value} in the base config: a float range does "
+        return f"is the int {base_value} in the base config: {{float: [lo, hi]}} does "
     return None
 
 
@@ -334,6 +339,7 @@ class Search:
         run_dir = self.out_dir / f"trial_{trial.number:04d}" / f"seed{self.seed}"
         pruning = {"storage": self.storage, "study_name": STUDY_NAME, "trial_id": trial._trial_id}
         callback = {"class_path": "swinlab.search.TrialPruning", "init_args": {**pruning, "monitor": self.objective}}
+        trial.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")  # which process ran it (logs)
         logger.info("search: trial %d %s", trial.number, json.dumps(overrides))
         try:
             config = sweep.prepare_run(self.base_configs, overrides, self.seed, run_dir)
