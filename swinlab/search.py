@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import io
 import json
@@ -59,7 +60,8 @@ COLUMNS = ("number", "state", "value", "epochs", "wall_s")
 
 @dataclass(frozen=True)
 class Dimension:
-    """One searched config key: a float or int range (``log``, ``step``) or a list of choices."""
+    """One searched config key: a float or int range (``log``, ``step``) or a list of choices. ``name``, the
+    Optuna parameter, is the key's shortest unique dotted suffix (``lr``), so that tables and plots stay legible."""
 
     key: str
     kind: str
@@ -68,13 +70,14 @@ class Dimension:
     log: bool = False
     step: float | int | None = None
     choices: tuple[Any, ...] = ()
+    name: str = ""
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.kind == "choice":
-            return trial.suggest_categorical(self.key, list(self.choices))
+            return trial.suggest_categorical(self.name, list(self.choices))
         if self.kind == "int":
-            return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1, log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
 
     def values_to_check(self) -> list[Any]:
         """Every choice, else both ends of the range: what the config check parses before any trial."""
@@ -132,7 +135,18 @@ def load_space(path: Path) -> list[Dimension]:
         raise ConfigError(f"cannot read the search space {path}: {' '.join(str(err).split())}") from err
     if not isinstance(spec, dict) or not spec:
         raise ConfigError(f"{path}: a search space maps dotted config keys to ranges, got {spec!r}")
-    return [parse_dimension(path, key, value) for key, value in spec.items()]
+    space = [parse_dimension(path, key, value) for key, value in spec.items()]
+    return [dataclasses.replace(d, name=short_name(d.key, [o.key for o in space if o is not d])) for d in space]
+
+
+def short_name(key: str, others: Sequence[str]) -> str:
+    """The shortest dotted suffix of ``key`` that no other key ends with."""
+    parts = key.split(".")
+    for start in range(len(parts) - 1, -1, -1):
+        suffix = ".".join(parts[start:])
+        if not any(other == suffix or other.endswith(f".{suffix}") for other in others):
+            return suffix
+    return key
 
 
 def one_line(err: BaseException) -> str:
@@ -237,7 +251,7 @@ class GridWithoutStop(optuna.samplers.GridSampler):
 
 def make_sampler(name: str, seed: int, space: Sequence[Dimension]) -> optuna.samplers.BaseSampler:
     if name == "grid":
-        return GridWithoutStop({d.key: d.grid() for d in space}, seed=seed)
+        return GridWithoutStop({d.name: d.grid() for d in space}, seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
@@ -419,7 +433,7 @@ def replace_file(path: Path, text: str) -> None:
 def write_tables(study: optuna.Study, search: Search) -> list[dict[str, Any]]:
     """``results.csv`` and ``results.md``: one row per trial, best first."""
     rows = trial_rows(study, search.direction)
-    keys = [d.key for d in search.space]
+    keys = [d.name for d in search.space]
     table = io.StringIO()
     writer = csv.writer(table)
     writer.writerow([*COLUMNS, *keys, "error"])
@@ -430,12 +444,11 @@ def write_tables(study: optuna.Study, search: Search) -> list[dict[str, Any]]:
     replace_file(search.out_dir / "results.csv", table.getvalue())
     states = [row["state"] for row in rows]
     counts = ", ".join(f"{states.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL", "INTERRUPTED"))
-    names = [k.rsplit(".", 1)[-1] for k in keys]
     lines = [
         f"Search of {search.trials} trials: {search.direction} {search.objective}; sampler {search.sampler}, "
         f"pruner {search.pruner}, seed {search.seed}; {counts} (interrupted trials were run again).",
         "",
-        f"| trial | state | {search.objective} | epochs | wall (s) | " + " | ".join(names) + " | error |",
+        f"| trial | state | {search.objective} | epochs | wall (s) | " + " | ".join(keys) + " | error |",
         "|---" * (len(COLUMNS) + len(keys) + 1) + "|",
     ]
     for row in rows:
@@ -617,7 +630,7 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as err:
         print(f"sweep: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    summary = ", ".join(f"{d.key.rsplit('.', 1)[-1]} {d.kind} {d.values_to_check()}" for d in search.space)
+    summary = ", ".join(f"{d.name} {d.kind} {d.values_to_check()}" for d in search.space)
     logger.info(
         "search %s: %d trials over %s, %s %s, storage %s",
         args.search,
