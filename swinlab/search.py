@@ -269,8 +269,9 @@ class TrialPruning(PyTorchLightningPruningCallback):
     """optuna-integration's pruning callback for a trial named by storage, study and id, so that it can be given
     as a config (``--trainer.callbacks+=...``) to a fit in another process (a submitit job)."""
 
-    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str) -> None:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    def __init__(self, storage: str, study_name: str, trial_id: int, monitor: str, pruner: str) -> None:
+        # The pruner is not in the storage: a loaded study would get Optuna's default (median) instead.
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage), pruner=make_pruner(pruner))
         super().__init__(optuna.trial.Trial(study, trial_id), monitor)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
@@ -351,7 +352,12 @@ class Search:
 
         overrides = {d.key: d.suggest(trial) for d in self.space}
         run_dir = self.out_dir / f"trial_{trial.number:04d}" / f"seed{self.seed}"
-        pruning = {"storage": self.storage, "study_name": STUDY_NAME, "trial_id": trial._trial_id}
+        pruning = {
+            "storage": self.storage,
+            "study_name": STUDY_NAME,
+            "trial_id": trial._trial_id,
+            "pruner": self.pruner,
+        }
         callback = {"class_path": "swinlab.search.TrialPruning", "init_args": {**pruning, "monitor": self.objective}}
         trial.set_user_attr(WORKER, f"{socket.gethostname()}:{os.getpid()}")  # which process ran it (logs)
         logger.info("search: trial %d %s", trial.number, json.dumps(overrides))
@@ -590,6 +596,17 @@ def plan_search(args: argparse.Namespace, extra_args: list[str]) -> Search:
     )
 
 
+def work_as_child(search: Search, worker: int) -> None:
+    """A local worker process that dies with the sweep (Linux ``PR_SET_PDEATHSIG``): a killed sweep must not leave
+    workers running trials that its restart marks interrupted and runs again."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    search.work(worker)
+
+
 def run_workers(search: Search, args: argparse.Namespace) -> None:
     """The workers: this process (one local worker), K local processes, or K submitit jobs."""
     if args.launcher == "submitit":
@@ -612,7 +629,7 @@ def run_workers(search: Search, args: argparse.Namespace) -> None:
         return
     # spawn: a fresh interpreter per worker (no forked Lightning or CUDA state), each with its own sampler seed.
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=search.work, args=(worker,)) for worker in range(args.workers)]
+    processes = [context.Process(target=work_as_child, args=(search, worker)) for worker in range(args.workers)]
     for process in processes:
         process.start()
     for process in processes:
