@@ -279,6 +279,11 @@ class TrialPruning(PyTorchLightningPruningCallback):
         if not trainer.sanity_checking and value is not None and not math.isfinite(float(value)):
             # Not reported: a pruner would prune it as the worst value; it is a failed trial with its reason.
             raise ValueError(f"{self.monitor} is {float(value)} after epoch {pl_module.current_epoch}")
+        last = trainer.max_epochs is not None and pl_module.current_epoch + 1 >= trainer.max_epochs
+        if last and not trainer.sanity_checking and value is not None and not self.is_ddp_backend:
+            # The trial has run all its epochs: pruning it now saves nothing and would hide a complete result.
+            self._trial.report(float(value), step=pl_module.current_epoch)
+            return
         super().on_validation_end(trainer, pl_module)
 
 

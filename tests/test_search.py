@@ -220,3 +220,28 @@ def test_parameters_are_named_by_their_shortest_unique_key_suffix(tmp_path):
     }
     names = {d.name for d in search.load_space(write_space(tmp_path / "space.yaml", space))}
     assert names == {"lr_scheduler.init_args.lr", "optimizer.init_args.lr", "window_size"}
+
+
+def test_pruning_callback_prunes_a_worse_trial_but_not_after_its_last_epoch(tmp_path):
+    from types import SimpleNamespace
+
+    storage = str(tmp_path / "study.journal")
+    study = optuna.create_study(storage=search.open_storage(storage), study_name="s", direction="maximize")
+    for _ in range(2):  # the median pruner's start-up trials: 0.9 after epoch 1
+        trial = study.ask()
+        trial.report(0.9, step=1)
+        study.tell(trial, 0.9)
+    trial = study.ask()
+    callback = search.TrialPruning(storage, "s", trial._trial_id, "val/top1", "median")
+    module = SimpleNamespace(current_epoch=1)
+
+    def validate(max_epochs: int) -> None:
+        metrics = {"val/top1": torch.tensor(0.1)}
+        callback.on_validation_end(
+            SimpleNamespace(sanity_checking=False, callback_metrics=metrics, max_epochs=max_epochs), module
+        )
+
+    validate(max_epochs=2)  # epoch 1 is the last: reported, not pruned
+    assert study.trials[-1].intermediate_values == {1: pytest.approx(0.1)}
+    with pytest.raises(optuna.TrialPruned):
+        validate(max_epochs=3)
