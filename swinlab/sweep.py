@@ -326,7 +326,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         "Arguments after the known ones (for example --trainer.accelerator=cpu) go to every fit.",
     )
     parser.add_argument("--config", type=Path, action="append", required=True, help="base fit config (repeatable)")
-    parser.add_argument("--grid", type=Path, required=True, help="grid file: seeds, grid and/or points")
+    parser.add_argument("--grid", type=Path, default=None, help="grid file: seeds, grid and/or points")
+    parser.add_argument("--search", type=Path, default=None, help="Optuna search space instead (docs/sweeps.md)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/sweeps/<grid name>)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these of the grid's seeds")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after starting this many runs")
@@ -357,6 +358,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     jobs.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task, for data loading workers")
     jobs.add_argument("--array-parallelism", type=int, default=None, help="at most this many runs at once")
     args, extra_args = parser.parse_known_args(argv)
+    if (args.grid is None) == (args.search is None):
+        parser.error("give one of --grid GRID.yaml or --search SPACE.yaml")
     if args.nodes > 1 and args.gpus_per_node < 1:
         parser.error(f"--nodes {args.nodes} needs --gpus-per-node >= 1 (one DDP process per GPU)")
     return args, extra_args
@@ -489,7 +492,12 @@ def run_with_submitit(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep; returns the number of runs that failed (the process exit code)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # no-op where logging is set up
-    args, extra_args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra_args = parse_args(argv)
+    if args.search is not None:
+        from swinlab.search import main as search  # Optuna (the ``search`` extra), imported only for a search
+
+        return search(argv)
     out_dir, todo = plan(args)  # a bad grid or config: one line from ``python -m swinlab`` (ConfigError, OSError)
     todo = todo[: args.max_runs]
     if args.dry_run:
