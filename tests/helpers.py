@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
 
+from swinlab.data.fashion_mnist import TensorImageDataset
 from swinlab.models.hub import WEIGHTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +99,8 @@ def write_hub_cache(cache: Path, repo_id: str, state: dict[str, torch.Tensor]) -
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(HUB_COMMIT)
     return snapshot
+
+
+def labelled_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> DataLoader:
+    """Classification batches ``{"image", "label"}`` of the given tensors, in order."""
+    return DataLoader(TensorImageDataset(images, labels, nn.Identity()), batch_size=batch_size)
