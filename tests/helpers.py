@@ -17,7 +17,6 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from swinlab.data.fashion_mnist import TensorImageDataset
 from swinlab.models.hub import WEIGHTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,4 +102,8 @@ def write_hub_cache(cache: Path, repo_id: str, state: dict[str, torch.Tensor]) -
 
 def labelled_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> DataLoader:
     """Classification batches ``{"image", "label"}`` of the given tensors, in order."""
+    # Imported here: conftest imports this module before pytest captures logs, and importing Lightning then (through
+    # swinlab.data) would keep its log lines from reaching caplog.
+    from swinlab.data.fashion_mnist import TensorImageDataset
+
     return DataLoader(TensorImageDataset(images, labels, nn.Identity()), batch_size=batch_size)
