@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import numpy as np
 import timm
@@ -65,7 +65,7 @@ from torch import nn
 
 from swinlab.export import OnnxModel, export_onnx, optimize_graph, quantize_int8
 from swinlab.models import create_model
-from swinlab.models.swin import ATTENTION_CHOICES
+from swinlab.models.kernels import AttentionKernel
 
 PEERS = ("timm", "torchvision")
 # CPU inference only: exported/quantized swinlab models under onnxruntime, and swinlab under bf16 autocast.
@@ -397,7 +397,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224, help="square input side (the comparisons use 224)")
     parser.add_argument(
         "--swinlab-attention",
-        choices=ATTENTION_CHOICES,
+        choices=get_args(AttentionKernel),
         default="auto",
         help="swinlab's window-attention kernel (auto: what swinlab picks for the device and mode)",
     )

@@ -163,16 +163,10 @@ def test_v1_to_v2_points_train_on_the_ablation_base(point: int, fashion_mnist_di
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
     backbone = cli.model.backbone
-    built = {
-        "norm": backbone.norm_placement,
-        "similarity": backbone.similarity,
-        "position_bias": backbone.position_bias,
-        "merge_norm": backbone.merge_norm,
-        "qkv_bias": backbone.qkv_bias,
-    }
+    built = vars(backbone.options)
     prefix = "model.init_args.backbone_kwargs."
     assert {key.removeprefix(prefix): value for key, value in points[point].items()}.items() <= built.items()
-    assert not backbone.clip_window_to_feature
+    assert not backbone.options.clip_window_to_feature
 
 
 def test_sweep_accepts_a_composed_base(tmp_path: Path) -> None:

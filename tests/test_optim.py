@@ -155,3 +155,34 @@ def test_layer_decay_scales_equal_the_official_swin_fine_tuning_ones():
         name = next(n for n, p in task.named_parameters() if id(p) in params)
         assert group["lr"] == pytest.approx(1e-3 * scale_of[name], rel=1e-12), name
     assert math.isclose(max(g["lr"] for g in optimizer.param_groups), 1e-3)
+
+
+def test_layer_ids_count_blocks_across_stages_as_the_official_get_swin_layer():
+    """Depths (1, 3, 2, 1): a block's layer is its index over all stages (not within its stage), and patch merging
+    shares the layer of the previous stage's last block. Expected ids hand-counted from the official get_swin_layer
+    (num_layers = sum(depths) + 2 = 9): stem 0, blocks 1..7, norm and head 8; lr scale decay ** (8 - id)."""
+    depths, decay = (1, 3, 2, 1), 0.5
+    task = ClassificationTask(
+        backbone="swin_t",
+        backbone_kwargs={**TINY_SWIN, "depths": depths, "num_heads": (1, 1, 1, 1)},
+        num_classes=3,
+        layer_decay=decay,
+    )
+    expected = {
+        "patch_embed.proj.weight": 0,
+        "layers.0.blocks.0.attn.qkv.weight": 1,
+        "layers.1.downsample.reduction.weight": 1,  # official layers.0.downsample: sum(depths[:1])
+        "layers.1.blocks.0.mlp.fc1.weight": 2,
+        "layers.1.blocks.2.norm1.weight": 4,
+        "layers.2.downsample.norm.weight": 4,  # official layers.1.downsample: sum(depths[:2])
+        "layers.2.blocks.1.attn.relative_position_bias_table": 6,
+        "layers.3.downsample.reduction.weight": 6,
+        "layers.3.blocks.0.attn.proj.bias": 7,
+        "norm.weight": 8,
+        "head.weight": 8,
+    }
+    assert task.backbone.num_lr_layers == 8
+    assert {name: task.backbone.lr_layer_id(name) for name in expected} == expected
+    scale_of = {name: group["lr_scale"] for group in task.parameter_groups() for name in group["names"]}
+    for name, layer in expected.items():
+        assert scale_of[f"backbone.{name}"] == decay ** (8 - layer), name

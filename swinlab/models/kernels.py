@@ -1,4 +1,4 @@
-"""How the model's math is executed: the window-attention kernel policy, its mask cache, and a chunked MLP path.
+"""How the model's math is executed: the window-attention kernel policy.
 
 None of this changes what the model computes (tests/models/test_compile.py checks both kernels against each
 other and against timm); each choice was measured, see docs/benchmarks.md.
@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 AttentionKernel = Literal["auto", "sdpa", "explicit"]
-ATTENTION_CHOICES: tuple[str, ...] = ("auto", "sdpa", "explicit")
 
 
 def use_explicit_attention(attention: AttentionKernel, device_type: str, needs_grad: bool, compiling: bool) -> bool:
@@ -36,15 +35,12 @@ class WindowAttentionKernel(nn.Module):
     q, k, v: (B * nW, heads, N, head_dim); ``bias(window)`` gives the (heads, N, N) position bias or None;
     ``mask`` (nW, N, N) additive or None. ``"sdpa"`` sums bias and mask into one additive mask; ``"explicit"``
     adds the (nW, heads, N, N) sum by broadcasting; ``"auto"`` picks per call (:func:`use_explicit_attention`).
-    In inference the SDPA mask is cached (one entry, so a changing batch size does not pile up masks).
+    ``attention`` is checked by :class:`~swinlab.models.swin.SwinOptions`.
     """
 
     def __init__(self, attention: AttentionKernel = "auto") -> None:
         super().__init__()
-        if attention not in ATTENTION_CHOICES:
-            raise ValueError(f"attention={attention!r}; choose one of {ATTENTION_CHOICES}")
         self.attention = attention
-        self._mask_cache: tuple[tuple, torch.Tensor | None] | None = None
 
     @staticmethod
     def bias_and_mask(bias: torch.Tensor | None, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -89,13 +85,10 @@ class WindowAttentionKernel(nn.Module):
         dropout: float = 0.0,
     ) -> torch.Tensor:
         """(B * nW, heads, N, head_dim) -> same. ``bias_weights`` are the parameters ``bias`` is computed from
-        (they decide whether the bias needs a gradient, and key the inference cache); ``scale`` defaults to
-        ``head_dim ** -0.5``."""
+        (they decide whether the bias needs a gradient); ``scale`` defaults to ``head_dim ** -0.5``."""
         BnW, heads, N = q.shape[:3]
         needs_grad = torch.is_grad_enabled() and any(w.requires_grad for w in bias_weights)
         compiling = torch.compiler.is_compiling()
-        if not compiling and needs_grad and self._mask_cache is not None:
-            self._mask_cache = None  # training: do not keep the last validation batch's mask in memory
         if use_explicit_attention(self.attention, q.device.type, needs_grad, compiling):
             attn_bias = self.bias_and_mask(bias(window), mask, q.dtype)
             attn = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
@@ -106,32 +99,5 @@ class WindowAttentionKernel(nn.Module):
                 attn = F.dropout(attn, dropout)
             return attn @ v
         batch = BnW // (1 if mask is None else mask.shape[0])
-        if compiling or needs_grad:
-            attn_mask = self.sdpa_mask(bias(window), mask, batch, q.dtype)
-        else:
-            # A mask made under inference_mode cannot be used where autograd records (e.g. frozen weights in
-            # training), so the mode is part of the key; a weight's version changes when weights are loaded.
-            key = (
-                window,
-                batch,
-                q.dtype,
-                torch.is_inference_mode_enabled(),
-                None if mask is None else mask.data_ptr(),
-                tuple((w.data_ptr(), w._version) for w in bias_weights),
-            )
-            if self._mask_cache is None or self._mask_cache[0] != key:
-                self._mask_cache = (key, self.sdpa_mask(bias(window), mask, batch, q.dtype))
-            attn_mask = self._mask_cache[1]
+        attn_mask = self.sdpa_mask(bias(window), mask, batch, q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
-
-
-def add_inplace_chunked(x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor], hidden: int) -> torch.Tensor:
-    """``x + branch(x)`` for a per-token ``branch`` with ``hidden`` features inside, computed in place in chunks.
-
-    For CPU inference only (no autograd): ~4 MiB of hidden activations at a time stay in cache instead of one
-    tensor above glibc's mmap threshold being mapped and page-faulted in (docs/benchmarks.md). ``x`` (..., C).
-    """
-    tokens = x.view(-1, x.shape[-1])
-    for chunk in tokens.split(max(512, (1 << 20) // hidden)):
-        chunk += branch(chunk)
-    return x

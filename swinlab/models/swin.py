@@ -5,7 +5,10 @@ ablation is a constructor argument: ``window_size``, ``shift``, ``position_bias`
 ``embed_dim``, ``depths``, ``num_heads``, ``mlp_ratio``, ``qkv_bias``, ``drop_path_rate``. Swin V2 (Liu et al.
 2022, arXiv 2111.09883) is the same model with its changes switched on one by one: ``similarity="cosine"``,
 ``position_bias="cpb"`` (with ``pretrained_window_size``), ``norm="res_post"``, ``merge_norm="after"``,
-``qkv_bias="qv"``; ``swinv2_t/s/b/l`` turn all of them on.
+``qkv_bias="qv"``; ``swinv2_t/s/b/l`` turn all of them on (the :data:`SWIN_V2` preset).
+
+The switches that stages, blocks and attention layers read are gathered once into a frozen :class:`SwinOptions`
+(validated when it is made) that every level receives unchanged, under the constructor's names.
 
 Any input size works: each block pads its map to the window grid. ``padding`` says how: ``"official"`` (the
 default) pads before the cyclic shift and lets real tokens attend to the zero padding tokens, as the official
@@ -16,8 +19,11 @@ real token only ever attends to real tokens of its own (shifted) window. How win
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
+import typing
 from collections.abc import Sequence
 from typing import Literal
 
@@ -27,10 +33,9 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from swinlab.models.kernels import ATTENTION_CHOICES, AttentionKernel, WindowAttentionKernel, add_inplace_chunked
+from swinlab.models.kernels import AttentionKernel, WindowAttentionKernel
 from swinlab.models.registry import register_model
 from swinlab.models.windows import (
-    PADDING_CHOICES,
     Padding,
     WindowLayout,
     WindowLayouts,
@@ -42,20 +47,15 @@ logger = logging.getLogger(__name__)
 
 # Each Swin V2 change is its own switch, so a sweep can walk from V1 to V2 one change at a time.
 PositionBias = Literal["relative", "absolute", "relative+absolute", "none", "cpb"]
-POSITION_BIAS_CHOICES: tuple[str, ...] = ("relative", "absolute", "relative+absolute", "none", "cpb")
-RelativeBias = Literal["table", "cpb", "none"]  # the block-level bias each position_bias choice gives
-RELATIVE_BIAS_OF = {"relative": "table", "relative+absolute": "table", "cpb": "cpb", "absolute": "none", "none": "none"}
-QKVBias = bool | Literal["qv"]  # "qv": V2's q and v biases without a k bias
-QKV_BIAS_CHOICES: tuple = (True, False, "qv")
+TABLE_BIASES = ("relative", "relative+absolute")  # the position_bias choices with a learned relative bias table
+ABSOLUTE_BIASES = ("absolute", "relative+absolute")  # those with an absolute position embedding
+QKVBias = Literal[True, False, "qv"]  # "qv": V2's q and v biases without a k bias
 Similarity = Literal["dot", "cosine"]  # V1 scaled dot product; V2 scaled cosine
-SIMILARITY_CHOICES: tuple[str, ...] = ("dot", "cosine")
 NormPlacement = Literal["pre", "res_post"]  # V1 pre-norm; V2 residual post-norm
-NORM_CHOICES: tuple[str, ...] = ("pre", "res_post")
 MergeNorm = Literal["before", "after"]  # patch merging's LayerNorm before (V1) or after (V2) the reduction
-MERGE_NORM_CHOICES: tuple[str, ...] = ("before", "after")
-# ATTENTION_CHOICES is re-exported: scripts/benchmark.py reads the kernel choices from here.
 __all__ = [
-    "ATTENTION_CHOICES",
+    "SWIN_V2",
+    "SwinOptions",
     "SwinTransformer",
     "swin_b",
     "swin_l",
@@ -66,6 +66,61 @@ __all__ = [
     "swinv2_s",
     "swinv2_t",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinOptions:
+    """The switches of :class:`SwinTransformer` that its stages, blocks and attention layers read, under the
+    constructor's names (see its docstring); checked once, here. ``pretrained_window_size`` is one int or one per
+    stage (stored as a tuple); :meth:`pretrained_window` gives a stage's."""
+
+    window_size: int = 7
+    shift: bool = True
+    position_bias: PositionBias = "relative"
+    mlp_ratio: float = 4.0
+    qkv_bias: QKVBias = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    clip_window_to_feature: bool = True
+    attention: AttentionKernel = "auto"
+    similarity: Similarity = "dot"
+    norm: NormPlacement = "pre"
+    merge_norm: MergeNorm = "before"
+    pretrained_window_size: int | tuple[int, ...] = 0
+    padding: Padding = "official"
+
+    def __post_init__(self) -> None:
+        for name, choices in option_choices().items():
+            value = getattr(self, name)
+            # `is` for True/False: 1 == True, but qkv_bias=1 is not one of the choices.
+            if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in choices):
+                raise ValueError(f"{name}={value!r} is not one of {choices}")
+        if self.window_size < 1:
+            raise ValueError(f"window_size must be >= 1, got {self.window_size}")
+        if not isinstance(self.pretrained_window_size, int):  # a list from a config: hashable like the rest
+            object.__setattr__(self, "pretrained_window_size", tuple(self.pretrained_window_size))
+
+    def pretrained_window(self, stage: int) -> int:
+        """Stage ``stage``'s pre-training window (0: none)."""
+        sizes = self.pretrained_window_size
+        return sizes if isinstance(sizes, int) else sizes[stage]
+
+
+@functools.cache
+def option_choices() -> dict[str, tuple]:
+    """{option: its choices} for every :class:`SwinOptions` field typed as a ``Literal``."""
+    hints = typing.get_type_hints(SwinOptions)
+    return {name: typing.get_args(hint) for name, hint in hints.items() if typing.get_origin(hint) is Literal}
+
+
+# Swin V2 (Liu et al. 2022, arXiv 2111.09883) as a preset of SwinOptions: the V1 model with every V2 switch on.
+SWIN_V2 = {
+    "similarity": "cosine",
+    "position_bias": "cpb",
+    "norm": "res_post",
+    "merge_norm": "after",
+    "qkv_bias": "qv",
+}
 
 
 def small_map_window(H: int, W: int, window: int, clip: bool) -> tuple[int, int]:
@@ -126,86 +181,88 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+def bias_indices(
+    window: int, table_window: int, pretrained_window: int, cpb: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(index (N, N) into the bias table, CPB coordinates or None) of a ``window`` in a layer built for
+    ``table_window`` (equal, or smaller where the window is clipped to a small feature map)."""
+    if not cpb:  # a clipped window reads the full table at its own offsets
+        return relative_position_index(window, table_window), None
+    # The CPB computes a table of the window's own offsets.
+    return relative_position_index(window, window), log_spaced_offsets(window, pretrained_window)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with a relative position bias.
 
     Input (B * nW, N, C) with N = window^2; ``mask`` (nW, N, N) additive or None. V1: dot-product logits
     ``q k^T / sqrt(d)``, bias from a learned ``relative_position_bias_table``. Swin V2 switches:
     ``similarity="cosine"`` (cos(q, k) times a learned per-head ``exp(logit_scale)``, clamped at 100),
-    ``relative_bias="cpb"`` (``16 * sigmoid(cpb_mlp(log-spaced offsets))``, any window without interpolation;
-    offsets are normalised by ``pretrained_window_size`` when set) and ``qkv_bias="qv"`` (q and v biases, no k
-    bias). ``attention`` picks the kernel that executes it (:class:`~swinlab.models.kernels.WindowAttentionKernel`);
-    every kernel computes the same function.
+    ``position_bias="cpb"`` (``16 * sigmoid(cpb_mlp(log-spaced offsets))``, any window without interpolation;
+    offsets are normalised by the stage's ``pretrained_window_size`` when set) and ``qkv_bias="qv"`` (q and v
+    biases, no k bias). ``attention`` picks the kernel that executes it
+    (:class:`~swinlab.models.kernels.WindowAttentionKernel`); every kernel computes the same function.
+
+    The bias-table indices (and CPB coordinates) of ``options.window_size`` and of ``feature_window`` (the window
+    clipped to the stage's map at ``img_size``, when smaller) are non-persistent buffers built here; another
+    clipped window (another input size) gets its few-kB indices built in the forward pass.
     """
 
     def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        window_size: int,
-        qkv_bias: QKVBias = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-        relative_bias: RelativeBias = "table",
-        attention: AttentionKernel = "auto",
-        similarity: Similarity = "dot",
-        pretrained_window_size: int = 0,
+        self, dim: int, num_heads: int, options: SwinOptions, stage: int = 0, feature_window: int | None = None
     ) -> None:
         super().__init__()
-        self.kernel = WindowAttentionKernel(attention)
+        self.options = options
+        self.kernel = WindowAttentionKernel(options.attention)
         self.num_heads = num_heads
-        self.window_size = window_size
-        self.pretrained_window_size = pretrained_window_size
-        self.similarity = similarity
-        self.kind = relative_bias
-        self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias is True)
-        if qkv_bias == "qv":
+        self.window_size = options.window_size
+        self.pretrained_window_size = options.pretrained_window(stage)
+        self.qkv = nn.Linear(dim, dim * 3, bias=options.qkv_bias is True)
+        if options.qkv_bias == "qv":
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        if similarity == "cosine":
+        self.proj_drop = nn.Dropout(options.drop_rate)
+        if options.similarity == "cosine":
             self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.relative_position_bias_table = None
-        if relative_bias == "table":
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        if options.position_bias in TABLE_BIASES:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * self.window_size - 1) ** 2, num_heads))
             trunc_normal_(self.relative_position_bias_table, std=0.02)
-        elif relative_bias == "cpb":
+        elif options.position_bias == "cpb":
             hidden = nn.Linear(2, 512)
             self.cpb_mlp = nn.Sequential(hidden, nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False))
-            coords = log_spaced_offsets(window_size, pretrained_window_size)
-            self.register_buffer("relative_coords_table", coords, persistent=False)
-        if relative_bias != "none":
-            index = relative_position_index(window_size, window_size)
-            self.register_buffer("relative_position_index", index, persistent=False)
-        self._window_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.clipped_window = feature_window if feature_window is not None and feature_window < self.window_size else 0
+        for prefix, window in (("relative", self.window_size), ("clipped", self.clipped_window)):
+            index, coords = None, None
+            if window and self.bias_weights():
+                index, coords = bias_indices(window, self.window_size, self.pretrained_window_size, self.cpb)
+            self.register_buffer(f"{prefix}_position_index", index, persistent=False)
+            self.register_buffer(f"{prefix}_coords_table", coords, persistent=False)
+
+    @property
+    def cpb(self) -> bool:
+        return self.options.position_bias == "cpb"
 
     def bias_weights(self) -> tuple[torch.Tensor, ...]:
-        """The parameters the position bias is computed from."""
-        if self.kind == "table":
-            return (self.relative_position_bias_table,)
-        return tuple(self.cpb_mlp.parameters()) if self.kind == "cpb" else ()
+        """The parameters the position bias is computed from (none without a relative bias)."""
+        if self.cpb:
+            return tuple(self.cpb_mlp.parameters())
+        return (self.relative_position_bias_table,) if self.options.position_bias in TABLE_BIASES else ()
 
     def window_tensors(self, window: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(index (N, N) into the bias table, CPB coordinates or None) for an effective window."""
-        coords = getattr(self, "relative_coords_table", None)
         if window == self.window_size:
-            return self.relative_position_index, coords
-        key = (window, self.relative_position_index.device)
-        if key not in self._window_cache:
-            with torch.inference_mode(False):  # reused by training steps, see WindowLayouts.get
-                if coords is None:  # a clipped window reads the full table at its own offsets
-                    index, coords = relative_position_index(window, self.window_size), None
-                else:  # the CPB computes a table of the clipped window's own offsets
-                    index = relative_position_index(window, window)
-                    coords = log_spaced_offsets(window, self.pretrained_window_size).to(coords.dtype)
-                self._window_cache[key] = (index.to(key[1]), None if coords is None else coords.to(key[1]))
-        return self._window_cache[key]
+            return self.relative_position_index, self.relative_coords_table
+        if window == self.clipped_window:
+            return self.clipped_position_index, self.clipped_coords_table
+        index, coords = bias_indices(window, self.window_size, self.pretrained_window_size, self.cpb)
+        device = self.relative_position_index.device
+        return index.to(device), None if coords is None else coords.to(device, self.relative_coords_table.dtype)
 
     def relative_bias(self, window: int) -> torch.Tensor | None:
         """(heads, N, N) bias for an effective window (the configured one, or a smaller clipped one)."""
-        if self.kind == "none":
+        if not self.bias_weights():
             return None
         index, coords = self.window_tensors(window)
         table = self.relative_position_bias_table if coords is None else 16 * torch.sigmoid(self.cpb_mlp(coords))
@@ -214,16 +271,16 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         BnW, N, C = x.shape
-        if hasattr(self, "q_bias"):
+        if self.options.qkv_bias == "qv":
             qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias)))
         else:
             qkv = self.qkv(x)
         q, k, v = qkv.view(BnW, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B*nW, heads, N, d)
         scale = None
-        if self.similarity == "cosine":
+        if self.options.similarity == "cosine":
             q = F.normalize(q, dim=-1) * self.logit_scale.clamp(max=math.log(100.0)).exp()
             k, scale = F.normalize(k, dim=-1), 1.0
-        dropout = self.attn_drop if self.training else 0.0
+        dropout = self.options.attn_drop_rate if self.training else 0.0
         x = self.kernel(q, k, v, window, mask, self.relative_bias, self.bias_weights(), scale=scale, dropout=dropout)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(BnW, N, C)))
 
@@ -231,77 +288,55 @@ class WindowAttention(nn.Module):
 class SwinBlock(nn.Module):
     """(S)W-MSA then MLP, each with a residual and stochastic depth. (B, H, W, C) -> same.
 
-    ``shift`` is True for the odd blocks of a stage (SW-MSA, cyclic shift by floor(M / 2)). ``norm="pre"`` (V1)
-    normalises each branch's input, ``"res_post"`` (V2) its output: ``x + norm(attn(x))``.
+    ``shifted`` is True for the odd blocks of a stage when ``options.shift`` (SW-MSA, cyclic shift by floor(M / 2)).
+    ``options.norm="pre"`` (V1) normalises each branch's input, ``"res_post"`` (V2) its output: ``x + norm(attn(x))``.
+    ``stage`` and ``feature_window`` go to :class:`WindowAttention`.
     """
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
-        window_size: int = 7,
-        shift: bool = False,
-        mlp_ratio: float = 4.0,
-        qkv_bias: QKVBias = True,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
+        options: SwinOptions,
+        stage: int = 0,
+        shifted: bool = False,
         drop_path: float = 0.0,
-        relative_bias: RelativeBias = "table",
-        attention: AttentionKernel = "auto",
-        similarity: Similarity = "dot",
-        norm: NormPlacement = "pre",
-        pretrained_window_size: int = 0,
+        feature_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.window_size = window_size
-        self.shift_size = window_size // 2 if shift else 0
-        self.post_norm = norm == "res_post"
+        self.options = options
+        self.shifted = shifted
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(
-            dim,
-            num_heads,
-            window_size,
-            qkv_bias,
-            attn_drop,
-            drop,
-            relative_bias,
-            attention,
-            similarity=similarity,
-            pretrained_window_size=pretrained_window_size,
-        )
+        self.attn = WindowAttention(dim, num_heads, options, stage, feature_window)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
-
-    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm2(self.mlp(x)) if self.post_norm else self.mlp(self.norm2(x))
+        self.mlp = Mlp(dim, int(dim * options.mlp_ratio), act_layer=nn.GELU, drop=options.drop_rate)
 
     def forward(self, x: torch.Tensor, window: int, layout: WindowLayout) -> torch.Tensor:
         """``window`` and ``layout`` (padding, shift, mask) are this map's effective ones (see :class:`SwinStage`)."""
         B, H, W, C = x.shape
-        tokens = (x if self.post_norm else self.norm1(x)).view(B, H * W, C)
+        post_norm = self.options.norm == "res_post"
+        tokens = (x if post_norm else self.norm1(x)).view(B, H * W, C)
         if layout.pads_with_zeros:  # padding slots read this appended zero token
             tokens = F.pad(tokens, (0, 0, 0, 1))
         windows = tokens.index_select(1, layout.gather).view(-1, window * window, C)
         attended = self.attn(windows, window, layout.mask).view(B, -1, C).index_select(1, layout.scatter)
         attended = attended.view(B, H, W, C)
-        x = x + self.drop_path(self.norm1(attended) if self.post_norm else attended)
-        if x.device.type == "cpu" and not self.training and not torch.is_grad_enabled():
-            return add_inplace_chunked(x, self.mlp_branch, self.mlp.fc1.out_features)  # same values, less paging
-        return x + self.drop_path(self.mlp_branch(x))
+        x = x + self.drop_path(self.norm1(attended) if post_norm else attended)
+        return x + self.drop_path(self.norm2(self.mlp(x)) if post_norm else self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
     """Concatenate each 2x2 neighbourhood (4C), LayerNorm, Linear to 2C without bias. (B, H, W, C) -> (B, H/2, W/2, 2C).
 
     Odd sizes are zero-padded first. The concatenation order is the official one (x00, x10, x01, x11).
-    ``norm_after`` (Swin V2) applies the LayerNorm to the reduced 2C channels instead.
+    ``merge_norm="after"`` (Swin V2) applies the LayerNorm to the reduced 2C channels instead.
     """
 
-    def __init__(self, dim: int, norm_after: bool = False) -> None:
+    def __init__(self, dim: int, merge_norm: MergeNorm = "before") -> None:
         super().__init__()
-        self.norm_after = norm_after
-        self.norm = nn.LayerNorm(2 * dim if norm_after else 4 * dim)
+        self.merge_norm = merge_norm
+        self.norm = nn.LayerNorm(2 * dim if merge_norm == "after" else 4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,14 +345,16 @@ class PatchMerging(nn.Module):
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
             H, W = H + H % 2, W + W % 2
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
+        return self.norm(self.reduction(x)) if self.merge_norm == "after" else self.reduction(self.norm(x))
 
 
 class SwinStage(nn.Module):
-    """Optional patch merging, then ``depth`` blocks alternating W-MSA and SW-MSA. (B, H, W, C) -> (B, H', W', C').
+    """Patch merging (except in stage 0), then ``depth`` blocks alternating W-MSA and SW-MSA.
+    (B, H, W, C) -> (B, H', W', C').
 
     The window layouts (indices and masks) of each map size come from :class:`~swinlab.models.windows.WindowLayouts`;
-    those of ``feature_size`` (the map size at the model's ``img_size``) are built at construction.
+    those of ``feature_size`` (the map size at the model's ``img_size``) are built at construction. ``drop_path``
+    holds each block's stochastic-depth rate.
     """
 
     def __init__(
@@ -325,50 +362,32 @@ class SwinStage(nn.Module):
         dim: int,
         depth: int,
         num_heads: int,
-        window_size: int,
-        downsample: bool,
-        shift: bool = True,
-        drop_path: Sequence[float] = (),
-        clip_window_to_feature: bool = True,
-        name: str = "stage",
-        feature_size: tuple[int, int] | None = None,
-        merge_norm: MergeNorm = "before",
-        padding: Padding = "official",
-        **block_kwargs,
+        options: SwinOptions,
+        stage: int,
+        drop_path: Sequence[float],
+        feature_size: tuple[int, int],
     ) -> None:
-        """``padding``: how maps that are no multiple of the window are padded (see
-        :func:`~swinlab.models.windows.window_layout`). ``block_kwargs`` go to every :class:`SwinBlock`
-        (mlp_ratio, qkv_bias, relative_bias, similarity, ...)."""
         super().__init__()
-        in_dim = dim // 2 if downsample else dim
-        self.downsample = PatchMerging(in_dim, norm_after=merge_norm == "after") if downsample else nn.Identity()
-        self.window_size = window_size
-        self.clip_window_to_feature = clip_window_to_feature
-        self.name = name
+        self.options = options
+        self.downsample = PatchMerging(dim // 2, options.merge_norm) if stage > 0 else nn.Identity()
+        self.name = f"stage {stage}"
         self.grad_checkpointing = False
+        self._warned_sizes: set[tuple[int, int]] = set()
+        window, shift = self.effective_window(*feature_size, log=False)
         self.blocks = nn.ModuleList(
-            SwinBlock(
-                dim,
-                num_heads,
-                window_size,
-                shift=shift and j % 2 == 1,
-                drop_path=drop_path[j] if drop_path else 0.0,
-                **block_kwargs,
-            )
+            SwinBlock(dim, num_heads, options, stage, options.shift and j % 2 == 1, drop_path[j], window)
             for j in range(depth)
         )
-        self._warned_sizes: set[tuple[int, int]] = set()
-        prebuilt = self.effective_window(*feature_size, log=False) if feature_size is not None else (0, 0)
-        self.layouts = WindowLayouts(feature_size, *prebuilt, padding=padding)
+        self.layouts = WindowLayouts(feature_size, window, shift, options.padding)
 
     def effective_window(self, H: int, W: int, log: bool = True) -> tuple[int, int]:
         """(window, shift) for an H x W map; shift is the one of shifted blocks."""
-        window, shift = small_map_window(H, W, self.window_size, self.clip_window_to_feature)
-        small = min(H, W) <= self.window_size
+        window_size, clip = self.options.window_size, self.options.clip_window_to_feature
+        small = min(H, W) <= window_size
         if log and small and (H, W) not in self._warned_sizes and not torch.compiler.is_compiling():
             self._warned_sizes.add((H, W))
-            log_small_map(self.name, H, W, self.window_size, self.clip_window_to_feature)
-        return window, shift
+            log_small_map(self.name, H, W, window_size, clip)
+        return small_map_window(H, W, window_size, clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -377,7 +396,7 @@ class SwinStage(nn.Module):
         plain = self.layouts.get(H, W, window, 0, x.device)
         shifted = self.layouts.get(H, W, window, shift, x.device) if shift else plain
         for block in self.blocks:
-            layout = shifted if block.shift_size else plain
+            layout = shifted if block.shifted else plain
             if self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, window, layout, use_reentrant=False)
             else:
@@ -394,11 +413,14 @@ class SwinTransformer(nn.Module):
     ``norm{i}`` and there is no final norm or head, as in the official detection/segmentation backbones;
     without it the model is the classifier (final ``norm``, global average pool, ``head``).
     ``attention`` picks the window-attention kernel (see :mod:`swinlab.models.kernels`); ``img_size`` is the size
-    whose window layouts are prebuilt (any other size works and gets its layouts on first use). ``padding``
-    (``"official"``, ``"timm"`` or ``"mask"``) is how a map that is no multiple of the window is padded: see the
-    module docstring and docs/architecture.md.
-    Variants with other blocks (Swin-MLP) override :meth:`make_stage`.
+    whose window layouts are prebuilt (any other size works and gets its layouts built in the forward pass).
+    ``padding`` (``"official"``, ``"timm"`` or ``"mask"``) is how a map that is no multiple of the window is padded:
+    see the module docstring and docs/architecture.md. The switches from ``window_size`` on are kept, checked, as
+    ``self.options`` (:class:`SwinOptions`), which every stage, block and attention layer reads.
+    Variants with other blocks (Swin-MLP) set ``stage_type`` (see :meth:`make_stage`).
     """
+
+    stage_type: type[nn.Module] = SwinStage
 
     def __init__(
         self,
@@ -428,21 +450,23 @@ class SwinTransformer(nn.Module):
         padding: Padding = "official",
     ) -> None:
         super().__init__()
-        validate_config(embed_dim, depths, num_heads, window_size, position_bias, patch_size, out_indices)
-        validate_choices(
-            qkv_bias=(qkv_bias, QKV_BIAS_CHOICES),
-            similarity=(similarity, SIMILARITY_CHOICES),
-            norm=(norm, NORM_CHOICES),
-            merge_norm=(merge_norm, MERGE_NORM_CHOICES),
-            padding=(padding, PADDING_CHOICES),
+        self.options = SwinOptions(
+            window_size=window_size,
+            shift=shift,
+            position_bias=position_bias,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            clip_window_to_feature=clip_window_to_feature,
+            attention=attention,
+            similarity=similarity,
+            norm=norm,
+            merge_norm=merge_norm,
+            pretrained_window_size=pretrained_window_size,
+            padding=padding,
         )
-        if isinstance(pretrained_window_size, int):
-            pretrained_window_size = (pretrained_window_size,) * len(depths)
-        if len(pretrained_window_size) != len(depths):
-            raise ValueError(
-                f"pretrained_window_size={tuple(pretrained_window_size)} has {len(pretrained_window_size)} entries for "
-                f"{len(depths)} stages; pass one int, or one per stage"
-            )
+        validate_config(embed_dim, depths, num_heads, patch_size, out_indices, self.options)
         self.num_classes = num_classes
         self.patch_size = patch_size
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -452,16 +476,9 @@ class SwinTransformer(nn.Module):
         self.embed_dim = embed_dim
         self.num_features = embed_dim * 2 ** (self.num_layers - 1)
         self.out_indices = tuple(out_indices) if out_indices is not None else None
-        # Block hyperparameters, read by make_stage.
-        self.window_size, self.shift, self.mlp_ratio, self.qkv_bias = window_size, shift, mlp_ratio, qkv_bias
-        self.drop_rate, self.attn_drop_rate, self.position_bias = drop_rate, attn_drop_rate, position_bias
-        self.clip_window_to_feature, self.attention = clip_window_to_feature, attention
-        self.similarity, self.norm_placement, self.merge_norm = similarity, norm, merge_norm
-        self.padding = padding
-        self.pretrained_window_size = tuple(pretrained_window_size)
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        if position_bias in ("absolute", "relative+absolute"):
+        if position_bias in ABSOLUTE_BIASES:
             grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, *grid, embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=0.02)
@@ -495,32 +512,12 @@ class SwinTransformer(nn.Module):
         """Stage ``index``: patch merging (except in stage 0), then its blocks; (B, H, W, C) -> (B, H', W', C').
 
         ``drop_path`` holds the stochastic-depth rate of each block, ``feature_size`` the stage's map size at
-        ``img_size``. A variant with other blocks overrides this method; the stage needs a ``blocks`` list and a
-        ``grad_checkpointing`` flag.
+        ``img_size``. A variant with other blocks sets ``stage_type`` to a stage class with :class:`SwinStage`'s
+        arguments, a ``blocks`` list and a ``grad_checkpointing`` flag (or overrides this method).
         """
-        return SwinStage(
-            self.embed_dim * 2**index,
-            self.depths[index],
-            self.num_heads[index],
-            self.window_size,
-            downsample=index > 0,
-            shift=self.shift,
-            drop_path=drop_path,
-            clip_window_to_feature=self.clip_window_to_feature,
-            name=f"stage {index}",
-            feature_size=feature_size,
-            merge_norm=self.merge_norm,
-            padding=self.padding,
-            mlp_ratio=self.mlp_ratio,
-            qkv_bias=self.qkv_bias,
-            drop=self.drop_rate,
-            attn_drop=self.attn_drop_rate,
-            relative_bias=RELATIVE_BIAS_OF[self.position_bias],
-            attention=self.attention,
-            similarity=self.similarity,
-            norm=self.norm_placement,
-            pretrained_window_size=self.pretrained_window_size[index],
-        )
+        dim = self.embed_dim * 2**index
+        depth, heads = self.depths[index], self.num_heads[index]
+        return self.stage_type(dim, depth, heads, self.options, index, drop_path, feature_size)
 
     @property
     def feature_channels(self) -> list[int]:
@@ -621,13 +618,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def validate_choices(**settings: tuple[object, tuple]) -> None:
-    """Raise a ValueError naming the argument whose value is not one of its choices."""
-    for name, (value, choices) in settings.items():
-        if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in choices):
-            raise ValueError(f"{name}={value!r} is not one of {choices}")
-
-
 def _heads_near_dim_32(dim: int) -> int:
     """The divisor of ``dim`` that gives the head dimension closest to the paper's 32."""
     return min((h for h in range(1, dim + 1) if dim % h == 0), key=lambda h: abs(dim / h - 32))
@@ -637,12 +627,12 @@ def validate_config(
     embed_dim: int,
     depths: Sequence[int],
     num_heads: Sequence[int],
-    window_size: int,
-    position_bias: str,
     patch_size: int,
     out_indices: Sequence[int] | None,
+    options: SwinOptions,
 ) -> None:
-    """Raise a ValueError that names the argument and the fix for a configuration that cannot work."""
+    """Raise a ValueError that names the argument and the fix for a configuration that cannot work (the switches
+    in ``options`` are checked by :class:`SwinOptions` itself; here, how they fit the stages)."""
     if len(depths) != len(num_heads):
         raise ValueError(
             f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length (one per stage)"
@@ -655,14 +645,16 @@ def validate_config(
                 f"choose num_heads[{i}] dividing {dim} (for example {_heads_near_dim_32(dim)}, head dim close to 32) "
                 f"or an embed_dim that is a multiple of {heads // math.gcd(heads, 2**i)}"
             )
-    if window_size < 1:
-        raise ValueError(f"window_size must be >= 1, got {window_size}")
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
-    if position_bias not in POSITION_BIAS_CHOICES:
-        raise ValueError(f"position_bias={position_bias!r} is not one of {POSITION_BIAS_CHOICES}")
     if out_indices is not None and (not out_indices or any(not 0 <= i < len(depths) for i in out_indices)):
         raise ValueError(f"out_indices={tuple(out_indices)} must name stages in 0..{len(depths) - 1}")
+    pretrained = options.pretrained_window_size
+    if not isinstance(pretrained, int) and len(pretrained) != len(depths):
+        raise ValueError(
+            f"pretrained_window_size={pretrained} has {len(pretrained)} entries for {len(depths)} stages; "
+            "pass one int, or one per stage"
+        )
 
 
 @register_model
@@ -695,16 +687,6 @@ def swin_l(**kwargs) -> SwinTransformer:
     return SwinTransformer(
         **{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "drop_path_rate": 0.2, **kwargs}
     )
-
-
-# Swin V2 (Liu et al. 2022, arXiv 2111.09883): the same model with every V2 switch on.
-SWIN_V2 = {
-    "similarity": "cosine",
-    "position_bias": "cpb",
-    "norm": "res_post",
-    "merge_norm": "after",
-    "qkv_bias": "qv",
-}
 
 
 @register_model

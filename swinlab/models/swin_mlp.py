@@ -10,7 +10,7 @@ stage layout, features and heads) is the Swin Transformer's, so every task can u
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from swinlab.models.registry import register_model
-from swinlab.models.swin import PatchMerging, SwinTransformer, log_small_map, small_map_window
+from swinlab.models.swin import PatchMerging, SwinOptions, SwinTransformer, log_small_map, small_map_window
 from swinlab.models.windows import window_partition
 
 
@@ -42,7 +42,7 @@ class SwinMLPBlock(nn.Module):
         window_size: int = 7,
         shift: bool = False,
         mlp_ratio: float = 4.0,
-        drop: float = 0.0,
+        drop_rate: float = 0.0,
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
@@ -54,7 +54,7 @@ class SwinMLPBlock(nn.Module):
         self.spatial_mlp = nn.Conv1d(rows, rows, kernel_size=1, groups=num_heads)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
 
     def mix_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """Spatial MLP per window and head group: (B * nW, N, C) -> same, N = window^2."""
@@ -77,9 +77,12 @@ class SwinMLPBlock(nn.Module):
 
 
 class SwinMLPStage(nn.Module):
-    """Optional patch merging, then ``depth`` blocks alternating plain and shifted windows.
-
+    """Patch merging (except in stage 0), then ``depth`` blocks alternating plain and shifted windows.
     (B, H, W, C) -> (B, H', W', C').
+
+    The spatial MLP is sized for its window, so the window is fixed here: where ``feature_size`` (the stage's map
+    at ``img_size``) is no larger than ``options.window_size``, ``options.clip_window_to_feature`` shrinks it to
+    that map and drops the shift.
     """
 
     def __init__(
@@ -87,25 +90,26 @@ class SwinMLPStage(nn.Module):
         dim: int,
         depth: int,
         num_heads: int,
-        window_size: int,
-        downsample: bool,
-        shift: bool = True,
-        mlp_ratio: float = 4.0,
-        drop: float = 0.0,
-        drop_path: Sequence[float] = (),
+        options: SwinOptions,
+        stage: int,
+        drop_path: Sequence[float],
+        feature_size: tuple[int, int],
     ) -> None:
         super().__init__()
-        self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
+        window, shift = small_map_window(*feature_size, options.window_size, options.clip_window_to_feature)
+        if min(feature_size) <= options.window_size:
+            log_small_map(f"stage {stage}", *feature_size, options.window_size, options.clip_window_to_feature)
+        self.downsample = PatchMerging(dim // 2, options.merge_norm) if stage > 0 else nn.Identity()
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             SwinMLPBlock(
                 dim,
                 num_heads,
-                window_size,
-                shift=shift and j % 2 == 1,
-                mlp_ratio=mlp_ratio,
-                drop=drop,
-                drop_path=drop_path[j] if drop_path else 0.0,
+                window,
+                shift=options.shift and shift > 0 and j % 2 == 1,
+                mlp_ratio=options.mlp_ratio,
+                drop_rate=options.drop_rate,
+                drop_path=drop_path[j],
             )
             for j in range(depth)
         )
@@ -117,76 +121,38 @@ class SwinMLPStage(nn.Module):
         return x
 
 
+# SwinTransformer arguments that only window attention reads: Swin-MLP has none.
+ATTENTION_ONLY = ("qkv_bias", "attn_drop_rate", "attention", "similarity", "norm", "pretrained_window_size", "padding")
+
+
 class SwinMLP(SwinTransformer):
-    """Swin-MLP backbone and classifier, with the interface of :class:`SwinTransformer`.
+    """Swin-MLP backbone and classifier, with the interface (and the other arguments) of :class:`SwinTransformer`.
 
     ``forward(x)``: (B, C_in, H, W) -> (B, num_classes) logits (or (B, num_features) when num_classes=0);
     ``forward_features(x)``: NCHW stage maps for ``out_indices``. ``num_heads`` are the spatial MLP's head
     groups. ``position_bias`` is 'none' (the official default) or 'absolute' (the official ``ape``); the spatial
-    MLP weights are themselves position-specific, so there is no relative bias. The spatial MLP is sized for its
-    window, so a stage's window is fixed at construction: where the stage's map at ``img_size`` is no larger than
-    the window, ``clip_window_to_feature`` (default, as the official code) shrinks it to that map and drops the
-    shift. Any input size works; a map smaller than the window is zero-padded to one window.
+    MLP weights are themselves position-specific, so there is no relative bias. A stage's window is fixed at
+    construction (:class:`SwinMLPStage`). Any input size works; a map smaller than the window is zero-padded to one
+    window. The arguments in ``ATTENTION_ONLY`` are refused.
     """
+
+    stage_type = SwinMLPStage
 
     def __init__(
         self,
-        img_size: int | Sequence[int] = 224,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 96,
-        depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (8, 16, 32, 64),
         window_size: int = 8,
-        shift: bool = True,
         position_bias: Literal["none", "absolute"] = "none",
-        mlp_ratio: float = 4.0,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
-        clip_window_to_feature: bool = True,
-        out_indices: Sequence[int] | None = None,
-        grad_checkpointing: bool = False,
+        **kwargs: Any,
     ) -> None:
         if position_bias not in ("none", "absolute"):
             raise ValueError(
                 f"Swin-MLP takes position_bias 'none' or 'absolute', got {position_bias!r}: its spatial MLP has "
                 "no attention logits for a relative bias to add to"
             )
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            embed_dim=embed_dim,
-            depths=depths,
-            num_heads=num_heads,
-            window_size=window_size,
-            shift=shift,
-            position_bias=position_bias,
-            mlp_ratio=mlp_ratio,
-            drop_rate=drop_rate,
-            drop_path_rate=drop_path_rate,
-            clip_window_to_feature=clip_window_to_feature,
-            out_indices=out_indices,
-            grad_checkpointing=grad_checkpointing,
-        )
-
-    def make_stage(self, index: int, drop_path: list[float], feature_size: tuple[int, int]) -> SwinMLPStage:
-        window, shift = small_map_window(*feature_size, self.window_size, self.clip_window_to_feature)
-        if min(feature_size) <= self.window_size:
-            log_small_map(f"stage {index}", *feature_size, self.window_size, self.clip_window_to_feature)
-        return SwinMLPStage(
-            self.embed_dim * 2**index,
-            self.depths[index],
-            self.num_heads[index],
-            window,
-            downsample=index > 0,
-            shift=self.shift and shift > 0,
-            mlp_ratio=self.mlp_ratio,
-            drop=self.drop_rate,
-            drop_path=drop_path,
-        )
+        if unused := [name for name in ATTENTION_ONLY if name in kwargs]:
+            raise ValueError(f"Swin-MLP has no window attention, so it takes no {', '.join(unused)}")
+        super().__init__(num_heads=num_heads, window_size=window_size, position_bias=position_bias, **kwargs)
 
 
 @register_model

@@ -27,7 +27,8 @@ def _classifier(channels: int, num_classes: int) -> nn.Conv2d:
     return conv
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_logits(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, *size), bilinear without corner alignment (mmseg's ``resize``)."""
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
@@ -43,7 +44,7 @@ class PyramidPoolingModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_in + len(pool_scales) * channels, H, W)."""
         size = x.shape[-2:]
-        return torch.cat([x] + [_resize(stage(x), size) for stage in self.stages], dim=1)
+        return torch.cat([x] + [resize_logits(stage(x), size) for stage in self.stages], dim=1)
 
 
 class UperNetHead(nn.Module):
@@ -82,10 +83,10 @@ class UperNetHead(nn.Module):
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, features[:-1])]
         laterals.append(self.ppm_bottleneck(self.ppm(features[-1])))
         for i in range(len(laterals) - 1, 0, -1):  # top-down: add each coarser level to the next finer one
-            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+            laterals[i - 1] = laterals[i - 1] + resize_logits(laterals[i], laterals[i - 1].shape[-2:])
         outs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
         size = outs[0].shape[-2:]
-        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], dim=1))
+        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [resize_logits(o, size) for o in outs[1:]], dim=1))
         return self.classifier(self.dropout(fused))
 
 

@@ -1,14 +1,14 @@
 """Window layouts: where each token of a (padded, shifted) map goes in the window grid, and which pairs are masked.
 
 :class:`~swinlab.models.swin.SwinStage` asks :class:`WindowLayouts` for the layout of its map; the blocks only
-gather, attend and scatter. Layouts depend on (map size, window, shift) and the model's ``padding`` alone, so each
-is built once and cached (docs/benchmarks.md has what that saves).
+gather, attend and scatter. Layouts depend on (map size, window, shift) and the model's ``padding`` alone: those of
+the model's ``img_size`` are buffers built at construction, any other size's are built in the forward pass.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,6 @@ def relative_position_index(window: int, table_window: int) -> torch.Tensor:
 
 
 Padding = Literal["official", "timm", "mask"]
-PADDING_CHOICES: tuple[str, ...] = ("official", "timm", "mask")
 
 
 class WindowLayout(NamedTuple):
@@ -80,8 +79,8 @@ def window_layout(
     - ``"timm"``: shift the unpadded map, then pad; zero padding tokens attended (timm's ``SwinTransformerBlock``).
     - ``"mask"``: pad, then shift, and keys that are padding are masked: a real token attends to real tokens only.
     """
-    if padding not in PADDING_CHOICES:
-        raise ValueError(f"padding={padding!r} is not one of {PADDING_CHOICES}")
+    if padding not in get_args(Padding):
+        raise ValueError(f"padding={padding!r} is not one of {get_args(Padding)}")
     Hp, Wp = -(-H // window) * window, -(-W // window) * window
     source = torch.arange(H * W, device=device).view(H, W)
     if shift > 0 and padding == "timm":
@@ -116,49 +115,34 @@ def window_layout(
 
 
 class WindowLayouts(nn.Module):
-    """The window layouts of one stage, built once per (H, W, window, shift, device) and cached.
+    """The window layouts of one stage: those of ``feature_size`` prebuilt, any other map size's built on call.
 
     ``padding`` is how maps that are no multiple of the window are padded (:func:`window_layout`). The layouts
     of ``feature_size`` (the map size at the model's ``img_size``, with its effective ``window`` and ``shift``)
     are built at construction as non-persistent buffers ``plain_*`` and ``shifted_*``: they move with the module
-    and a compiled graph reads them instead of rebuilding them every step.
+    and a compiled graph reads them instead of rebuilding them every step. Another size's layout is built in the
+    forward pass (well under 1% of a forward, docs/benchmarks.md), so no state changes after construction.
     """
 
-    def __init__(
-        self,
-        feature_size: tuple[int, int] | None = None,
-        window: int = 0,
-        shift: int = 0,
-        padding: Padding = "mask",
-    ) -> None:
+    def __init__(self, feature_size: tuple[int, int], window: int, shift: int, padding: Padding = "mask") -> None:
         super().__init__()
         self.feature_size = feature_size
         self.padding = padding
-        self._cache: dict[tuple, WindowLayout] = {}
-        self._prebuilt_pads_with_zeros: dict[str, bool] = {}
-        if feature_size is not None:
-            kinds = {"plain": 0, "shifted": shift} if shift else {"plain": 0}
-            for kind, kind_shift in kinds.items():
-                layout = window_layout(*feature_size, window, kind_shift, padding=padding)
-                for field in ("gather", "scatter", "mask"):
-                    self.register_buffer(f"{kind}_{field}", getattr(layout, field), persistent=False)
-                self._prebuilt_pads_with_zeros[kind] = layout.pads_with_zeros
+        self.prebuilt_pads_with_zeros: dict[str, bool] = {}
+        kinds = {"plain": 0, "shifted": shift} if shift else {"plain": 0}
+        for kind, kind_shift in kinds.items():
+            layout = window_layout(*feature_size, window, kind_shift, padding=padding)
+            for field in ("gather", "scatter", "mask"):
+                self.register_buffer(f"{kind}_{field}", getattr(layout, field), persistent=False)
+            self.prebuilt_pads_with_zeros[kind] = layout.pads_with_zeros
 
     def get(self, H: int, W: int, window: int, shift: int, device: torch.device) -> WindowLayout:
         """The layout of an H x W map cut into ``window`` windows shifted by ``shift``."""
         if self.feature_size == (H, W):
             kind = "shifted" if shift else "plain"
             tensors = (getattr(self, f"{kind}_{field}") for field in ("gather", "scatter", "mask"))
-            return WindowLayout(*tensors, self._prebuilt_pads_with_zeros[kind])
-        if torch.compiler.is_compiling():
-            return window_layout(H, W, window, shift, device, self.padding)
-        key = (H, W, window, shift, device)
-        if key not in self._cache:
-            # Normal tensors even when the first call runs under inference_mode (e.g. Lightning's sanity check):
-            # inference tensors could not be saved for backward by the training steps that reuse them.
-            with torch.inference_mode(False):
-                self._cache[key] = window_layout(H, W, window, shift, device, self.padding)
-        return self._cache[key]
+            return WindowLayout(*tensors, self.prebuilt_pads_with_zeros[kind])
+        return window_layout(H, W, window, shift, device, self.padding)
 
 
 def log_spaced_offsets(window: int, pretrained_window: int = 0) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,11 +12,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import FeaturePyramidNetwork
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from swinlab.data.bad_samples import READ_ERROR_KEY
 from swinlab.models.detectors import Framework, build_detector
+from swinlab.models.fpn import SwinFPN
 from swinlab.plots import DetectionPictures
 from swinlab.prediction import DetectionPredictionWriter
 from swinlab.tasks.base import SwinTask
@@ -33,26 +31,6 @@ BOX_ONLY = {"mask_rcnn": "faster_rcnn", "cascade_mask_rcnn": "cascade_rcnn"}
 TWO_STAGE = ("mask_rcnn", "faster_rcnn", "cascade_mask_rcnn", "cascade_rcnn")
 # detector_kwargs of the two-stage frameworks (RPN and RoI-head settings) that the one-stage ones do not have.
 TWO_STAGE_OPTION_PREFIXES = ("rpn_", "box_")
-
-
-class SwinFPN(nn.Module):
-    """Swin stage maps through an FPN: images (B, 3, H, W) -> OrderedDict of ``out_channels`` maps at strides
-    4, 8, 16, 32 (keys ``"0"``..``"3"``) plus a max-pooled stride-64 level ``"pool"``."""
-
-    def __init__(self, body: nn.Module, out_channels: int = 256) -> None:
-        super().__init__()
-        if len(getattr(body, "feature_channels", ())) != 4:
-            raise ValueError(
-                "the detection backbone must give the four Swin stage maps: create it with "
-                "out_indices=(0, 1, 2, 3) and num_classes=0"
-            )
-        self.body = body
-        self.fpn = FeaturePyramidNetwork(list(body.feature_channels), out_channels, extra_blocks=LastLevelMaxPool())
-        self.out_channels = out_channels
-
-    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        maps = self.body.forward_features(images)
-        return self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
 
 
 class DetectionTask(SwinTask):

@@ -14,7 +14,8 @@ from torchmetrics.classification import MulticlassJaccardIndex
 # One definition each: the data pipeline's size check and the heads' bilinear resize (still private there).
 from swinlab.data.bad_samples import READ_ERROR_KEY
 from swinlab.data.segmentation_transforms import IGNORE_INDEX, to_pair
-from swinlab.models.upernet import FCNHead, UperNetHead, _resize
+from swinlab.models.upernet import FCNHead, UperNetHead
+from swinlab.models.upernet import resize_logits as _resize
 from swinlab.plots import SegmentationPictures
 from swinlab.prediction import SegmentationPredictionWriter
 from swinlab.tasks.base import SwinTask

@@ -10,7 +10,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from swinlab.models import create_model
 from swinlab.models.cascade_rcnn import STAGE_TARGET_STDS, CascadeRCNN
 from swinlab.models.detectors import build_detector, feature_strides
-from swinlab.tasks.detection import SwinFPN
+from swinlab.models.fpn import SwinFPN
 
 SWIN_FPN_STRIDES = {"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64}
 TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}

@@ -1,11 +1,12 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from swinlab.models import create_model, load_pretrained
-from swinlab.models.swin import SwinBlock
+from swinlab.models.swin import SwinBlock, SwinOptions
 from swinlab.models.windows import window_layout
-from tests.helpers import official_layout
+from tests.helpers import TINY_SWIN, official_layout
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,7 @@ def test_windows_equal_naive_reference(size, window, shift):
     padding never changes what real tokens see."""
 
     torch.manual_seed(0)
-    block = SwinBlock(dim=16, num_heads=2, window_size=window, shift=bool(shift)).eval()
+    block = SwinBlock(dim=16, num_heads=2, options=SwinOptions(window_size=window), shifted=bool(shift)).eval()
     x = torch.randn(2, *size, 16)
     layout = window_layout(*size, window, shift)
     with torch.no_grad():
@@ -150,7 +151,7 @@ def test_shifted_window_token_sees_only_its_window(size):
     torch.manual_seed(0)
     window, shift = 4, 2
     H, W = size
-    block = SwinBlock(dim=8, num_heads=2, window_size=window, shift=True).eval()
+    block = SwinBlock(dim=8, num_heads=2, options=SwinOptions(window_size=window), shifted=True).eval()
     layout = window_layout(H, W, window, shift)
     Hp, Wp = -(-H // window) * window, -(-W // window) * window
     for qy, qx in [(0, 0), (1, 1), (H - 1, W - 1), (5, 2), (H - 1, 0)]:
@@ -223,6 +224,23 @@ def test_position_bias_variants(position_bias, relative, absolute):
         assert model(torch.randn(1, 3, 40, 24)).shape == (1, 4)  # another size interpolates the embedding
 
 
+def test_absolute_embedding_is_resized_bicubically_at_another_input_size():
+    """The first stage's input at another size is patch embedding + the bicubic-resized absolute embedding (as the
+    official and timm loaders resize it); a bilinear resize differs by up to 0.84 here, ~1e5x the tolerance."""
+    torch.manual_seed(0)
+    model = create_model("swin_t", **TINY_SWIN, num_classes=2, position_bias="absolute").eval()
+    with torch.no_grad():
+        model.absolute_pos_embed.normal_()  # an embedding with detail between grid points
+    stage_inputs = []
+    model.layers[0].register_forward_pre_hook(lambda _, args: stage_inputs.append(args[0]))
+    x = torch.randn(1, 3, 24, 44)  # a 12 x 22 grid, from the 16 x 16 one
+    with torch.no_grad():
+        model(x)
+        pos = F.interpolate(model.absolute_pos_embed.permute(0, 3, 1, 2), size=(12, 22), mode="bicubic")
+        expected = model.patch_embed(x) + pos.permute(0, 2, 3, 1)
+    torch.testing.assert_close(stage_inputs[0], expected, atol=1e-5, rtol=0)
+
+
 def block_calls(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[SwinBlock, torch.Tensor, int, torch.Tensor]]:
     """(block, input, window, output) of every SwinBlock call in one forward of ``model``."""
     calls = []
@@ -283,7 +301,7 @@ def test_small_feature_map_is_clipped_by_default_and_logged_once(caplog):
     assert model.layers[1].effective_window(4, 4) == (4, 2)
 
 
-def test_layouts_prebuilt_for_img_size_and_cached_for_other_sizes():
+def test_layouts_prebuilt_for_img_size_and_built_on_call_for_other_sizes():
     model = create_model(
         "swin_t", img_size=32, patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2), num_classes=2
     ).eval()
@@ -295,14 +313,10 @@ def test_layouts_prebuilt_for_img_size_and_cached_for_other_sizes():
             prebuilt = getattr(stage.layouts, f"{kind}_{field}")
             assert (prebuilt is None) == (tensor is None) and (tensor is None or torch.equal(prebuilt, tensor))
     assert not any("_gather" in key or "_mask" in key for key in model.state_dict())  # not saved in checkpoints
-    with torch.no_grad():
-        model(torch.randn(1, 3, 32, 32))
-        assert stage.layouts._cache == {}  # the img_size layouts are the buffers
-        model(torch.randn(1, 3, 24, 40))
-        first = dict(stage.layouts._cache)
-        assert len(first) == 2
-        model(torch.randn(2, 3, 24, 40))
-        assert all(stage.layouts._cache[k] is v for k, v in first.items())
+    assert stage.layouts.get(16, 16, 4, 2, torch.device("cpu")).gather is stage.layouts.shifted_gather
+    built = stage.layouts.get(12, 20, 4, 2, torch.device("cpu"))
+    for field, tensor in zip(("gather", "scatter", "mask"), window_layout(12, 20, 4, 2, padding="official")[:3]):
+        assert torch.equal(getattr(built, field), tensor)
 
 
 def test_bf16_autocast_close_to_fp32_and_trains():

@@ -72,19 +72,31 @@ def test_shift_switch_and_position_bias_choices():
     assert create_model("swin_mlp_t", **TINY, position_bias="absolute").absolute_pos_embed is not None
     with pytest.raises(ValueError, match="position_bias 'none' or 'absolute'"):
         create_model("swin_mlp_t", **TINY, position_bias="relative")
+    with pytest.raises(ValueError, match="no window attention, so it takes no qkv_bias, padding"):
+        create_model("swin_mlp_t", **TINY, padding="mask", qkv_bias=False)
 
 
-def test_gradient_checkpointing_gives_same_gradients():
+def test_gradient_checkpointing_recomputes_blocks_and_gives_same_gradients():
+    """Checkpointed blocks run their forward again in the backward pass (counted as calls start), only in the stages
+    asked for; gradients equal those without checkpointing."""
     torch.manual_seed(0)
     model = create_model("swin_mlp_t", **TINY, num_classes=3, drop_path_rate=0.0)
     x = torch.randn(2, 3, 32, 32)
+    blocks = [block for stage in model.layers for block in stage.blocks]
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     model(x).sum().backward()
     expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.set_grad_checkpointing(True)
-    model(x).sum().backward()
-    for grad, p in zip(expected, model.parameters()):
-        torch.testing.assert_close(p.grad, grad)
+    assert calls == [1, 1, 1, 1]
+    for flags, recomputed in (((True, False), [2, 2, 1, 1]), (True, [2, 2, 2, 2])):
+        model.zero_grad()
+        calls[:] = [0] * len(blocks)
+        model.set_grad_checkpointing(flags)
+        model(x).sum().backward()
+        assert calls == recomputed
+        for grad, p in zip(expected, model.parameters()):
+            torch.testing.assert_close(p.grad, grad)
 
 
 def test_every_task_builds_and_trains_with_swin_mlp():

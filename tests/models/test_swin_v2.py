@@ -146,6 +146,48 @@ def test_each_v2_switch_alone_changes_only_its_part():
         create_model("swinv2_t", **TINY, pretrained_window_size=(8, 8, 8))
 
 
+def official_cpb_bias(cpb_mlp: torch.nn.Module, window: int, pretrained_window: int) -> torch.Tensor:
+    """(heads, N, N) bias of WindowAttention in microsoft/Swin-Transformer models/swin_transformer_v2.py (window
+    ``window``, pretrained_window_size ``pretrained_window``), written as the official code has it."""
+    relative_coords_h = torch.arange(-(window - 1), window, dtype=torch.float32)
+    grid = torch.meshgrid([relative_coords_h, relative_coords_h], indexing="ij")
+    relative_coords_table = torch.stack(grid).permute(1, 2, 0).contiguous().unsqueeze(0)
+    relative_coords_table /= (pretrained_window - 1) if pretrained_window > 0 else (window - 1)
+    relative_coords_table *= 8
+    relative_coords_table = (
+        torch.sign(relative_coords_table) * torch.log2(torch.abs(relative_coords_table) + 1.0) / math.log2(8)
+    )
+    coords = torch.flatten(torch.stack(torch.meshgrid([torch.arange(window)] * 2, indexing="ij")), 1)
+    relative_coords = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    relative_coords[:, :, 0] += window - 1
+    relative_coords[:, :, 1] += window - 1
+    relative_coords[:, :, 0] *= 2 * window - 1
+    relative_position_index = relative_coords.sum(-1)
+    table = cpb_mlp(relative_coords_table).view(-1, cpb_mlp[-1].out_features)
+    bias = table[relative_position_index.view(-1)].view(window**2, window**2, -1).permute(2, 0, 1)
+    return 16 * torch.sigmoid(bias)
+
+
+@pytest.mark.parametrize("pretrained_window", [0, 6])
+def test_continuous_position_bias_equals_the_official_computation(pretrained_window):
+    """The CPB bias of the configured window (8), of the window clipped at construction (stage 1's 6x6 map at
+    img_size 48) and of a window clipped on the fly (5), against the official code, with CPB weights far from their
+    init; a bias missing the 16x factor is off by up to 11 here, 1e6x the tolerance."""
+    torch.manual_seed(0)
+    kwargs = {**TINY, "img_size": 48, "pretrained_window_size": pretrained_window}
+    model = create_model("swinv2_t", **kwargs).eval()
+    attentions = [stage.blocks[0].attn for stage in model.layers]
+    with torch.no_grad():
+        for attn in attentions:
+            for param in attn.cpb_mlp.parameters():
+                param.normal_(0, 1 / param.shape[-1] ** 0.5)
+        for attn, window in ((attentions[0], 8), (attentions[1], 6), (attentions[0], 5)):
+            expected = official_cpb_bias(attn.cpb_mlp, window, pretrained_window)
+            named = lambda text, window=window: f"window {window}: {text}"  # noqa: E731
+            torch.testing.assert_close(attn.relative_bias(window), expected, atol=1e-5, rtol=0, msg=named)
+    assert model.layers[1].blocks[0].attn.clipped_window == 6
+
+
 def test_logit_scale_is_clamped_at_100():
     torch.manual_seed(0)
     model = create_model("swinv2_t", **TINY).eval()
