@@ -29,7 +29,7 @@ from swinlab.callbacks import NonFiniteLossGuard, PreemptionCheckpoint, ResumePo
 from swinlab.checkpointing import AtomicCheckpointIO, RunFolderLock, check_fresh_run_folder
 from swinlab.config_compose import expand_command_line
 from swinlab.data.bad_samples import BadSampleReport
-from swinlab.plots import EvaluationPictures, TrainingCurves
+from swinlab.plots import TrainingCurves
 from swinlab.tasks.base import batch_size
 from swinlab.validation import (
     ConfigError,
@@ -252,7 +252,7 @@ class SwinLabCLI(LightningCLI):
     def _observers(self) -> list[Callback]:
         """Pictures (``swinlab.plots``) on every run; in ``fit`` also throughput over the batches between two log
         lines (``SwinTask.flops_per_batch`` adds FLOP/s, and utilisation where Lightning knows the device's peak)."""
-        observers: list[Callback] = [TrainingCurves(), EvaluationPictures()]
+        observers: list[Callback] = [TrainingCurves()]
         if self.running_command == "fit":
             window = (self._subcommand_config().trainer.log_every_n_steps or 50) + 1
             observers.append(ThroughputMonitor(batch_size_fn=batch_size, window_size=window))

@@ -297,11 +297,6 @@ def quantize_int8(fp32_path: str | Path, output: str | Path, calibration: Iterab
         return "static"
 
 
-def _batch_images(batch: Any) -> torch.Tensor:
-    """The images of a classification ``(images, labels)`` or segmentation ``{"image": ...}`` batch."""
-    return batch["image"] if isinstance(batch, dict) else batch[0]
-
-
 def calibration_batches(
     datamodule: LightningDataModule, count: int, input_shape: tuple[int, int, int], batch_size: int = 32
 ) -> list[np.ndarray]:
@@ -310,7 +305,7 @@ def calibration_batches(
     datamodule.setup("fit")
     batches, seen = [], 0
     for batch in datamodule.train_dataloader():
-        images = _batch_images(batch)[: count - seen].float()
+        images = batch["image"][: count - seen].float()
         if tuple(images.shape[-2:]) != tuple(input_shape[1:]):
             images = F.interpolate(images, size=input_shape[1:], mode="bilinear", align_corners=False)
         batches += [chunk.numpy() for chunk in images.split(batch_size)]
@@ -320,17 +315,18 @@ def calibration_batches(
     return batches
 
 
-def evaluation_batches(datamodule: LightningDataModule) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The data module's test split as (images, labels) batches."""
+def evaluation_batches(datamodule: LightningDataModule) -> Iterator[dict[str, Any]]:
+    """The data module's test split as ``{"image", "label"}`` batches."""
     datamodule.setup("test")
     yield from datamodule.test_dataloader()
 
 
-def top1_accuracy(model: OnnxModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy (0..1) of an exported classifier over (images, labels) batches."""
+def top1_accuracy(model: OnnxModel, batches: Iterable[dict[str, Any]]) -> float:
+    """Top-1 accuracy (0..1) of an exported classifier over ``{"image", "label"}`` batches."""
     correct = total = 0
-    for images, labels in batches:
-        correct += int((model(images).argmax(axis=1) == labels.numpy()).sum())
+    for batch in batches:
+        labels = batch["label"]
+        correct += int((model(batch["image"]).argmax(axis=1) == labels.numpy()).sum())
         total += len(labels)
     if total == 0:
         raise ValueError(f"no test images to evaluate {model.path} on")

@@ -1,6 +1,7 @@
 """Pictures next to the numbers: training curves after ``fit``, evaluation pictures after ``validate``/``test``.
 
-The CLI attaches both callbacks to every run (``swinlab.cli``); each writes PNGs into the run's log folder
+The CLI attaches ``TrainingCurves`` to every run (``swinlab.cli``) and each task its own ``EvaluationPictures``
+(``configure_callbacks``); each writes PNGs into the run's log folder
 (``trainer.log_dir``: the logger's version folder, or ``trainer.default_root_dir`` without a logger) and says where.
 """
 
@@ -122,44 +123,48 @@ def _class_name(names: list[str] | None, index: int) -> str:
 
 class EvaluationPictures(Callback):
     """After ``validate`` / ``test`` (not the validation inside ``fit``), pictures of what the model got right and
-    wrong, from the predictions the task's ``validation_step`` / ``test_step`` return:
-
-    - classification (logits (B, num_classes)): ``<stage>_confusion_matrix.png`` (torchmetrics, over the whole
-      split on every process) and ``<stage>_worst_predictions.png``, the ``num_images`` misclassified images with
-      the lowest probability of their true class (from the first process's share);
-    - detection (one dict of boxes, labels, scores, masks per image) and segmentation (one (H, W) label map per
-      image): ``<stage>_predictions.png``, the first ``num_images`` images, ground truth left and prediction right.
-      Detections below ``score_threshold`` are not drawn.
+    wrong, from the predictions the task's ``validation_step`` / ``test_step`` return. Each task returns its own
+    subclass from ``configure_callbacks``; the subclass says what it keeps of a batch (``collect``) and what it
+    draws (``write``); this base calls them and writes into the run's log folder (``trainer.log_dir``).
     """
 
-    def __init__(self, num_images: int = 8, score_threshold: float = 0.5) -> None:
+    def __init__(self, num_images: int = 8) -> None:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
-        self.num_images, self.score_threshold = num_images, score_threshold
-        self._reset()
+        self.num_images = num_images
+        self.reset()
 
-    def _reset(self) -> None:
-        self.confusion: MulticlassConfusionMatrix | None = None
-        self.worst: list[tuple[float, torch.Tensor, int, int]] = []  # (p(true class), image, true, predicted)
-        self.pairs: list[torch.Tensor] = []  # uint8 (3, H, W) ground truth, then prediction, per image
+    def reset(self) -> None:
+        """Forget what was collected (at the start of every validate / test)."""
+
+    def collect(self, trainer: Trainer, outputs: Any, batch: dict[str, Any]) -> None:
+        """Keep what the pictures need of one batch and the task's outputs for it."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called on every process before ``write`` (rank 0 only): the place for collectives."""
+
+    def write(self, trainer: Trainer, folder: Path, stage: str) -> None:
+        """Draw the pictures of ``stage`` into ``folder`` (rank 0 only)."""
+        raise NotImplementedError
 
     def _active(self, trainer: Trainer) -> bool:
         return trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING) and not trainer.sanity_checking
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset()
+        self.reset()
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset()
+        self.reset()
 
     def on_validation_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any
     ) -> None:
         if self._active(trainer):
-            self._collect(trainer, outputs, batch)
+            self.collect(trainer, outputs, batch)
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args) -> None:
-        self._collect(trainer, outputs, batch)
+        self.collect(trainer, outputs, batch)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._active(trainer):
@@ -168,18 +173,28 @@ class EvaluationPictures(Callback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write(trainer, "test")
 
-    def _collect(self, trainer: Trainer, outputs: Any, batch: Any) -> None:
-        if isinstance(outputs, torch.Tensor):
-            self._collect_classification(outputs, batch)
-        elif isinstance(outputs, list) and len(self.pairs) < 2 * self.num_images:
-            names = getattr(trainer.datamodule, "class_names", None)
-            if isinstance(batch, dict):
-                self._collect_segmentation(outputs, batch, names)
-            else:
-                self._collect_detection(outputs, batch, names)
+    def _write(self, trainer: Trainer, stage: str) -> None:
+        self.finish()
+        # ``trainer.log_dir`` broadcasts rank 0's folder (a collective): asked on rank 0 alone, it waits for a
+        # broadcast the other ranks never join, or pairs with their next collective.
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self.write(trainer, folder, stage)
+        self.reset()
 
-    def _collect_classification(self, logits: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        images, targets = batch
+
+class ClassificationPictures(EvaluationPictures):
+    """From the (B, num_classes) logits: ``<stage>_confusion_matrix.png`` (torchmetrics, over the whole split on
+    every process) and ``<stage>_worst_predictions.png``, the ``num_images`` misclassified images with the lowest
+    probability of their true class (from the first process's share)."""
+
+    def reset(self) -> None:
+        self.confusion: MulticlassConfusionMatrix | None = None
+        self.confusion_counts: torch.Tensor | None = None
+        self.worst: list[tuple[float, torch.Tensor, int, int]] = []  # (p(true class), image, true, predicted)
+
+    def collect(self, trainer: Trainer, logits: torch.Tensor, batch: dict[str, Any]) -> None:
+        images, targets = batch["image"], batch["label"]
         if self.confusion is None:
             self.confusion = MulticlassConfusionMatrix(logits.shape[-1]).to(logits.device)
         self.confusion.update(logits, targets)
@@ -190,52 +205,18 @@ class EvaluationPictures(Callback):
             self.worst.append((float(true_prob[i]), images[i].cpu(), int(targets[i]), int(predicted[i])))
         self.worst = sorted(self.worst, key=lambda item: item[0])[: self.num_images]
 
-    def _collect_detection(self, predictions: list[dict], batch: tuple[list, list], names: list[str] | None) -> None:
-        images, targets = batch
-        for image, target, prediction in zip(images, targets, predictions):
-            keep = prediction["scores"] >= self.score_threshold
-            kept = {key: value[keep] for key, value in prediction.items() if torch.is_tensor(value)}  # not image_id
-            sides = [(target, None), (kept, prediction["scores"])]
-            for objects, scores in sides:
-                drawn = _displayable(image)
-                if "masks" in objects and len(objects["masks"]):
-                    drawn = draw_segmentation_masks(drawn, objects["masks"].bool().cpu(), alpha=0.4)
-                labels = [_class_name(names, int(label)) for label in objects["labels"]]
-                if scores is not None:
-                    labels = [f"{label} {score:.2f}" for label, score in zip(labels, scores[keep].tolist())]
-                boxes = objects["boxes"].as_subclass(torch.Tensor).detach().cpu()
-                self.pairs.append(draw_bounding_boxes(drawn, boxes, labels, colors="lime", width=2))
-
-    def _collect_segmentation(self, label_maps: list[torch.Tensor], batch: dict, names: list[str] | None) -> None:
-        num_classes = len(names) if names is not None else int(max(int(m.max()) for m in label_maps)) + 1
-        colours = _palette(num_classes)
-        classes = torch.arange(num_classes)[:, None, None]
-        for image, mask, predicted in zip(batch["image"], batch["mask"], label_maps):
-            # The image was resized to the test scale; masks and predictions are at the original size.
-            resized = F.interpolate(image[None].float(), size=mask.shape[-2:], mode="bilinear")[0]
-            drawn = _displayable(resized)
-            for labels in (mask, predicted):
-                self.pairs.append(draw_segmentation_masks(drawn, labels.cpu() == classes, alpha=0.6, colors=colours))
-
-    def _write(self, trainer: Trainer, stage: str) -> None:
+    def finish(self) -> None:
         # Every process updated the confusion matrix; computing it is a collective, so all of them do.
-        confusion = self.confusion.compute() if self.confusion is not None else None
-        # ``trainer.log_dir`` broadcasts rank 0's folder (a collective too): asked on rank 0 alone, it waits for a
-        # broadcast the other ranks never join, or pairs with their next collective.
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero:
-            if confusion is not None:
-                self._write_classification(trainer, confusion, folder, stage)
-            if self.pairs:
-                self._write_pairs(folder / f"{stage}_predictions.png")
-        self._reset()
+        self.confusion_counts = self.confusion.compute() if self.confusion is not None else None
 
-    def _write_classification(self, trainer: Trainer, confusion: torch.Tensor, folder: Path, stage: str) -> None:
+    def write(self, trainer: Trainer, folder: Path, stage: str) -> None:
+        if self.confusion_counts is None:
+            return
         names = getattr(trainer.datamodule, "class_names", None)
-        num_classes = confusion.shape[0]
+        num_classes = self.confusion_counts.shape[0]
         annotate = num_classes <= MAX_ANNOTATED_CLASSES
         figure, ax = self.confusion.plot(
-            confusion.cpu(), add_text=annotate, labels=list(names) if annotate and names else None
+            self.confusion_counts.cpu(), add_text=annotate, labels=list(names) if annotate and names else None
         )
         side = max(6.0, num_classes * 0.5) if annotate else 10.0
         figure.set_size_inches(side, side)
@@ -256,7 +237,26 @@ class EvaluationPictures(Callback):
             )
         _save_figure(figure, folder / f"{stage}_worst_predictions.png")
 
-    def _write_pairs(self, path: Path) -> None:
+
+class PairPictures(EvaluationPictures):
+    """``<stage>_predictions.png``: the first ``num_images`` images, ground truth left and prediction right; a
+    subclass draws the pair of one image (``draw_pairs``)."""
+
+    def reset(self) -> None:
+        self.pairs: list[torch.Tensor] = []  # uint8 (3, H, W) ground truth, then prediction, per image
+
+    def collect(self, trainer: Trainer, outputs: list, batch: dict[str, Any]) -> None:
+        if len(self.pairs) < 2 * self.num_images:
+            self.pairs += self.draw_pairs(outputs, batch, getattr(trainer.datamodule, "class_names", None))
+
+    def draw_pairs(self, outputs: list, batch: dict[str, Any], names: list[str] | None) -> list[torch.Tensor]:
+        """Ground truth, then prediction, for each image of the batch: uint8 (3, H, W) pictures."""
+        raise NotImplementedError
+
+    def write(self, trainer: Trainer, folder: Path, stage: str) -> None:
+        if not self.pairs:
+            return
+        path = folder / f"{stage}_predictions.png"
         height = max(image.shape[-2] for image in self.pairs)
         width = max(image.shape[-1] for image in self.pairs)
         padded = [F.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2])) for image in self.pairs]
@@ -264,3 +264,47 @@ class EvaluationPictures(Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(grid, path)
         rank_zero_info(f"Wrote {path} (left: ground truth, right: prediction)")
+
+
+class DetectionPictures(PairPictures):
+    """``PairPictures`` of boxes (and masks) with their class names; detections below ``score_threshold`` are not
+    drawn."""
+
+    def __init__(self, num_images: int = 8, score_threshold: float = 0.5) -> None:
+        super().__init__(num_images)
+        self.score_threshold = score_threshold
+
+    def draw_pairs(self, predictions: list[dict], batch: dict[str, Any], names: list[str] | None) -> list[torch.Tensor]:
+        pairs = []
+        for image, target, prediction in zip(batch["image"], batch["target"], predictions):
+            keep = prediction["scores"] >= self.score_threshold
+            kept = {key: value[keep] for key, value in prediction.items() if torch.is_tensor(value)}  # not image_id
+            for objects, scores in ((target, None), (kept, prediction["scores"])):
+                drawn = _displayable(image)
+                if "masks" in objects and len(objects["masks"]):
+                    drawn = draw_segmentation_masks(drawn, objects["masks"].bool().cpu(), alpha=0.4)
+                labels = [_class_name(names, int(label)) for label in objects["labels"]]
+                if scores is not None:
+                    labels = [f"{label} {score:.2f}" for label, score in zip(labels, scores[keep].tolist())]
+                boxes = objects["boxes"].as_subclass(torch.Tensor).detach().cpu()
+                pairs.append(draw_bounding_boxes(drawn, boxes, labels, colors="lime", width=2))
+        return pairs
+
+
+class SegmentationPictures(PairPictures):
+    """``PairPictures`` of label maps in fixed class colours over the image."""
+
+    def draw_pairs(
+        self, label_maps: list[torch.Tensor], batch: dict[str, Any], names: list[str] | None
+    ) -> list[torch.Tensor]:
+        num_classes = len(names) if names is not None else int(max(int(m.max()) for m in label_maps)) + 1
+        colours = _palette(num_classes)
+        classes = torch.arange(num_classes)[:, None, None]
+        pairs = []
+        for image, mask, predicted in zip(batch["image"], batch["mask"], label_maps):
+            # The image was resized to the test scale; masks and predictions are at the original size.
+            resized = F.interpolate(image[None].float(), size=mask.shape[-2:], mode="bilinear")[0]
+            drawn = _displayable(resized)
+            for labels in (mask, predicted):
+                pairs.append(draw_segmentation_masks(drawn, labels.cpu() == classes, alpha=0.6, colors=colours))
+        return pairs

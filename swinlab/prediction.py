@@ -130,8 +130,7 @@ class DetectionPredictionWriter(BasePredictionWriter):
         from pycocotools import mask as mask_utils
 
         category_ids, class_names = self._names(trainer)
-        images, _ = batch
-        for image, det in zip(images, prediction):
+        for image, det in zip(batch["image"], prediction):
             file_name, error = det.get("file_name"), det.get(READ_ERROR_KEY, "")
             height, width = image.shape[-2:]
             self.images.append(
@@ -213,8 +212,8 @@ class SegmentationPredictionWriter(BasePredictionWriter):
     (``file, error``: the images that could not be read, header only when none). A relative ``output_dir`` is
     placed in ``trainer.default_root_dir``.
 
-    ``predict_step`` must return, per image, ``{"name", "labels": (H, W) int64, "raw_image": (3, H, W) uint8}``, or
-    ``{"name", "error"}`` for an image that could not be read.
+    ``predict_step`` must return, per image, ``{"file", "labels": (H, W) int64, "raw_image": (3, H, W) uint8}``, or
+    ``{"file", "error"}`` for an image that could not be read.
     """
 
     def __init__(self, output_dir: str = "predictions", alpha: float = 0.5, label_offset: int = 0) -> None:
@@ -249,10 +248,10 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         (folder / "overlays").mkdir(parents=True, exist_ok=True)
         for item in prediction:
             if item.get("error"):
-                self.failed.append((item["name"], item["error"]))
+                self.failed.append((item["file"], item["error"]))
                 continue
             labels = item["labels"].numpy()
-            stem = Path(item["name"]).stem
+            stem = Path(item["file"]).stem
             Image.fromarray((labels + self.label_offset).astype(np.uint8)).save(folder / "labels" / f"{stem}.png")
             image = item["raw_image"].permute(1, 2, 0).numpy().astype(np.float32)
             overlay = (1 - self.alpha) * image + self.alpha * palette[labels].astype(np.float32)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
 
 from swinlab.models.hub import WEIGHTS_FILE
 
@@ -108,3 +110,12 @@ def write_hub_cache(cache: Path, repo_id: str, state: dict[str, torch.Tensor]) -
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(HUB_COMMIT)
     return snapshot
+
+
+def labelled_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> DataLoader:
+    """Classification batches ``{"image", "label"}`` of the given tensors, in order."""
+    # Imported here: conftest imports this module before pytest captures logs, and importing Lightning then (through
+    # swinlab.data) would keep its log lines from reaching caplog.
+    from swinlab.data.fashion_mnist import TensorImageDataset
+
+    return DataLoader(TensorImageDataset(images, labels, nn.Identity()), batch_size=batch_size)

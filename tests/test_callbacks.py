@@ -18,14 +18,14 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, model_checkpoint
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from swinlab.callbacks import NonFiniteLossError, NonFiniteLossGuard, PreemptionCheckpoint
 from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.cli import main
 from swinlab.data import FashionMNISTDataModule
 from swinlab.tasks import ClassificationTask
-from tests.helpers import ROOT, TINY_SWIN, write_fashion_mnist
+from tests.helpers import ROOT, TINY_SWIN, labelled_loader, write_fashion_mnist
 
 
 class NaNLossAt(ClassificationTask):
@@ -213,7 +213,7 @@ def test_atomic_save_keeps_the_previous_checkpoint_when_interrupted(tmp_path, mo
 
 def grey_batches(count: int = 12) -> DataLoader:
     images = torch.rand(count, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    return DataLoader(TensorDataset(images, torch.arange(count) % 10), batch_size=2)
+    return labelled_loader(images, torch.arange(count) % 10, batch_size=2)
 
 
 @pytest.mark.parametrize("array", [False, True], ids=["job", "array-job"])

@@ -77,8 +77,9 @@ def test_fp32_export_matches_pytorch_and_its_test_top1(tiny_swin, fashion_mnist_
     data.setup("test")
     correct = total = 0
     with torch.no_grad():
-        for images, labels in data.test_dataloader():
-            correct += int((task.backbone(images).argmax(dim=1) == labels).sum())
+        for batch in data.test_dataloader():
+            labels = batch["label"]
+            correct += int((task.backbone(batch["image"]).argmax(dim=1) == labels).sum())
             total += len(labels)
     assert total == 20 and report["fp32_top1"] == pytest.approx(correct / total)
 

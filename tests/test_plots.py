@@ -13,7 +13,13 @@ from lightning.pytorch import Trainer
 from PIL import Image
 
 from swinlab.cli import main
-from swinlab.plots import EvaluationPictures, plot_training_curves, read_metrics_csv
+from swinlab.plots import (
+    ClassificationPictures,
+    DetectionPictures,
+    SegmentationPictures,
+    plot_training_curves,
+    read_metrics_csv,
+)
 from tests.helpers import ROOT, TINY_SWIN
 from tests.tasks.test_base import TASKS, task_and_data  # noqa: F401  (fixture)
 
@@ -73,12 +79,12 @@ def test_curves_panels_follow_the_metrics_present(tmp_path):
 
 
 def test_worst_predictions_are_the_misclassified_with_the_lowest_true_probability():
-    pictures = EvaluationPictures(num_images=2)
+    pictures = ClassificationPictures(num_images=2)
     images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2)
     targets = torch.tensor([0, 1, 0, 1])
     # Predicted 0, 0, 1, 0: right; wrong with p(true) 0.27; wrong with p(true) ~ 0; wrong with p(true) 0.5.
     logits = torch.tensor([[5.0, 0.0], [1.0, 0.0], [-9.0, 9.0], [0.0, 0.0]])
-    pictures._collect_classification(logits, (images, targets))
+    pictures.collect(None, logits, {"image": images, "label": targets})
     assert [(item[2], item[3]) for item in pictures.worst] == [(0, 1), (1, 0)]
     assert [float(item[1][0, 0, 0]) for item in pictures.worst] == [2.0, 1.0]
     assert pictures.worst[0][0] == pytest.approx(torch.tensor([-9.0, 9.0]).softmax(0)[0].item())
@@ -86,8 +92,15 @@ def test_worst_predictions_are_the_misclassified_with_the_lowest_true_probabilit
 
 
 @pytest.mark.parametrize("task_and_data", TASKS, indirect=True)
-def test_validate_and_test_write_evaluation_pictures(task_and_data, tmp_path: Path) -> None:  # noqa: F811
+def test_validate_and_test_write_evaluation_pictures(task_and_data, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
     task, data = task_and_data
+    name = task_and_data_name(task)
+    pictures = {
+        "classification": ClassificationPictures(num_images=2),
+        "detection": DetectionPictures(num_images=2, score_threshold=0.0),
+        "segmentation": SegmentationPictures(num_images=2),
+    }[name]
+    monkeypatch.setattr(task, "configure_callbacks", list)  # the task's own pictures would replace these
     trainer = Trainer(
         accelerator="cpu",
         limit_val_batches=2,  # segmentation evaluates one image per batch, detection two
@@ -97,12 +110,12 @@ def test_validate_and_test_write_evaluation_pictures(task_and_data, tmp_path: Pa
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=tmp_path,
-        callbacks=[EvaluationPictures(num_images=2, score_threshold=0.0)],
+        callbacks=[pictures],
     )
     trainer.validate(task, datamodule=data)
     trainer.test(task, datamodule=data)
     for stage in ("val", "test"):
-        if task_and_data_name(task) == "classification":
+        if name == "classification":
             assert (tmp_path / f"{stage}_confusion_matrix.png").stat().st_size > 0
             # Random weights on random pixels: some of the 4 images are wrong.
             assert (tmp_path / f"{stage}_worst_predictions.png").stat().st_size > 0
@@ -111,7 +124,7 @@ def test_validate_and_test_write_evaluation_pictures(task_and_data, tmp_path: Pa
                 # Two images, ground truth | prediction: 2 rows x 2 columns with 4 px padding.
                 sample = data.val_dataloader().dataset[0]
                 # Segmentation draws at the label map's size, detection at the image's.
-                height, width = (sample["mask"] if isinstance(sample, dict) else sample[0]).shape[-2:]
+                height, width = sample["mask" if name == "segmentation" else "image"].shape[-2:]
                 assert (grid.width, grid.height) == (2 * width + 12, 2 * height + 12)
 
 

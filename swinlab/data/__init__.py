@@ -13,8 +13,9 @@ from swinlab.data.imagenet import ImageNetDataModule  # noqa: E402
 __all__ += ["FashionMNISTDataModule", "ImageFolderDataModule", "ImageNetDataModule"]
 
 from swinlab.data.ade20k import ADE20KDataModule  # noqa: E402
+from swinlab.data.segmentation import SegmentationDataModule  # noqa: E402
 
-__all__ += ["ADE20KDataModule"]
+__all__ += ["ADE20KDataModule", "SegmentationDataModule"]
 
 from swinlab.data.unlabeled import UnlabeledImageDataModule  # noqa: E402
 

@@ -24,6 +24,12 @@ from swinlab.data.bad_samples import (
 from swinlab.data.resumable import ResumableDataLoader
 
 
+def collate_as_lists(samples: list[dict[str, Any]]) -> dict[str, list]:
+    """A batch that keeps one entry per sample under each key, for images of their own sizes (the detector pads
+    them itself; segmentation scores each image at its original size)."""
+    return {key: [sample[key] for sample in samples] for key in samples[0]}
+
+
 class ImageFilesDataset(Dataset):
     """Every image file under ``root`` (recursively, sorted) -> ``{"image": transform(image), "file": path relative
     to root, READ_ERROR_KEY: ""}``; default collation stacks ``image`` and lists the others.

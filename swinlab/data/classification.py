@@ -21,20 +21,27 @@ from swinlab.data.transforms import classification_eval_transform, classificatio
 
 
 class SafeImageFolder(ImageFolder):
-    """torchvision ``ImageFolder`` that decodes with ``open_image`` (any mode -> RGB) and applies ``on_bad_sample``."""
+    """torchvision ``ImageFolder`` that decodes with ``open_image`` (any mode -> RGB), applies ``on_bad_sample`` and
+    gives ``{"image": transform(image), "label": class index, "file": path relative to root}``."""
 
     def __init__(self, root: str, transform: Callable, on_bad_sample: OnBadSample = "skip") -> None:
         super().__init__(root, transform=transform, loader=open_image)
         self.guard = BadSampleGuard(on_bad_sample)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return self.guard(super().__getitem__, index, len(self))
+    def _read(self, index: int) -> dict[str, Any]:
+        path, label = self.samples[index]
+        file = Path(path).relative_to(self.root).as_posix()
+        return {"image": self.transform(self.loader(path)), "label": label, "file": file}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.guard(self._read, index, len(self))
 
 
 class ClassificationDataModule(BaseDataModule):
     """The base of the classification DataModules; subclasses set ``class_names`` and build the datasets.
 
-    Batches are ``(images, labels)``; validation and test use ``batch_size`` too. Training batches drop the last
+    Batches are ``{"image": (B, C, H, W), "label": (B,)}`` (plus ``file`` where the data has files); validation and
+    test use ``batch_size`` too. Training batches drop the last
     incomplete batch (Mixup/CutMix pairs samples, and the official recipe does it). ``on_bad_sample`` (``skip`` or
     ``raise``) says what happens to an image that cannot be read (see ``swinlab.data.bad_samples``).
     """

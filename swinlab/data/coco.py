@@ -1,13 +1,16 @@
 """COCO-style detection and instance segmentation data: COCO JSON folders or Hugging Face ``datasets``.
 
-Samples are ``(image, target)``: ``image`` a float tensor (3, H, W) in [0, 1] (the detector normalises and
-resizes it itself) and ``target`` a dict with
+Samples are ``{"image", "target", "file"}`` (``file`` where the source has files): ``image`` a float tensor
+(3, H, W) in [0, 1] (the detector normalises and resizes it itself) and ``target`` torchvision's target dict
 
 - ``boxes``   (N, 4) float, absolute ``x1, y1, x2, y2`` pixels
 - ``labels``  (N,) int64, contiguous class index ``0 .. num_classes - 1`` (index into ``class_names``)
 - ``masks``   (N, H, W) uint8, only with masks on (COCO JSON source)
 - ``iscrowd`` (N,) int64 and ``area`` (N,) float, as in the annotation file (COCO metrics use them)
 - ``image_id`` int
+
+Batches keep one entry per image (``collate_as_lists``): ``{"image": [...], "target": [...], "file": [...]}``.
+Predict samples are ``{"image", "target": {"image_id"}, "file", "error"}`` (see ``DetectionPredictImages``).
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import contextlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -34,7 +39,7 @@ from swinlab.data.bad_samples import (
     open_image,
     placeholder_image,
 )
-from swinlab.data.base import BaseDataModule, ImageFilesDataset
+from swinlab.data.base import BaseDataModule, ImageFilesDataset, collate_as_lists
 from swinlab.data.detection_augment import (
     COCO_CROP_RESIZE_SIZES,
     COCO_CROP_SIZE,
@@ -46,7 +51,20 @@ from swinlab.data.huggingface import load_split, read_row, split_features
 
 logger = logging.getLogger(__name__)
 
-Sample = tuple[torch.Tensor, dict[str, Any]]
+
+@dataclass
+class ObjectList:
+    """The objects of one image as parallel lists: ``boxes`` absolute ``x1, y1, x2, y2``, contiguous ``labels``,
+    ``iscrowd``, ``areas``, ``ids`` (for messages), the image's ``file`` where known and the source's own
+    ``annotations`` (for masks)."""
+
+    boxes: list[list[float]]
+    labels: list[int]
+    iscrowd: list[int]
+    areas: list[float]
+    ids: list[Any]
+    file: str | None = None
+    annotations: list[dict] = field(default_factory=list)
 
 
 def detection_transforms(train: bool, flip_prob: float = 0.5, augment: v2.Transform | None = None) -> v2.Compose:
@@ -60,12 +78,6 @@ def detection_transforms(train: bool, flip_prob: float = 0.5, augment: v2.Transf
     elif train and flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(flip_prob))
     return v2.Compose(steps)
-
-
-def collate_detection(batch: list[Sample]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Keep images of different sizes as a list (the detector pads them to one batch tensor itself)."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
 
 
 def _valid_box(x1: float, y1: float, x2: float, y2: float) -> bool:
@@ -102,15 +114,104 @@ def _make_target(
     return target
 
 
-class CocoJsonDetection(Dataset):
-    """One split of a COCO folder: images in ``image_dir``, annotations in a COCO instances JSON.
+class DetectionRows(Dataset):
+    """The one reader of detection rows, shared by the COCO JSON and Hugging Face sources: a subclass lists an
+    image's objects (``image_objects``), this class filters, clips and packs them into a sample.
 
-    Polygon, uncompressed RLE and compressed RLE masks are decoded by pycocotools. Boxes with zero width or
-    height are dropped. ``drop_crowd`` removes crowd regions (training; the detector cannot learn from them),
-    ``skip_empty`` leaves out images with no remaining annotation (training). Boxes are clipped to the image;
-    one that is empty after clipping (outside the image) is dropped with a warning naming the file and the
-    annotation id, counted in ``dropped_boxes``. A missing, unreadable image, or one whose size disagrees with
-    the annotation file, is handled as ``on_bad_sample`` says.
+    Boxes with zero width or height are dropped. ``drop_crowd`` removes crowd regions (training; the detector
+    cannot learn from them), ``skip_empty`` leaves out images with no remaining object (training). Boxes are
+    clipped to the image; one that is empty after clipping (outside the image) is dropped with a warning naming
+    the file and the object ids, counted in ``dropped_boxes``. An unreadable image is handled as ``on_bad_sample``
+    says.
+    """
+
+    def __init__(
+        self,
+        drop_crowd: bool,
+        transforms: v2.Transform | None,
+        source: str,
+        on_bad_sample: OnBadSample,
+    ) -> None:
+        self.drop_crowd = drop_crowd
+        self.transforms = transforms
+        self.source = source
+        self.guard = BadSampleGuard(on_bad_sample)
+        self.dropped_boxes = 0
+        self._warned_images: set[int] = set()
+        self.rows: list[Any] = []  # what ``image_objects`` reads, one entry per sample
+
+    def image_objects(self, row: Any) -> tuple[Image.Image, ObjectList, int, str]:
+        """``(RGB image, objects, image id, name)`` of ``row``, the name (a path, a row) for messages."""
+        raise NotImplementedError
+
+    def masks(self, objects: ObjectList, keep: list[int], height: int, width: int) -> np.ndarray | None:
+        """(N, H, W) uint8 instance masks of the kept objects, or None (boxes only)."""
+        return None
+
+    def kept(self, objects: ObjectList) -> list[int]:
+        """Indices of the objects that stay: valid boxes, and no crowd regions when ``drop_crowd``."""
+        return [
+            i
+            for i, box in enumerate(objects.boxes)
+            if _valid_box(*box) and not (self.drop_crowd and objects.iscrowd[i])
+        ]
+
+    def skip_empty(self, objects: Iterable[ObjectList]) -> None:
+        """Leave out the rows with no object left (training); ``objects``: those of each row, in order."""
+        self.rows = [row for row, row_objects in zip(self.rows, objects) if self.kept(row_objects)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.guard(self._read, index, len(self))
+
+    def _read(self, index: int) -> dict[str, Any]:
+        image, objects, image_id, name = self.image_objects(self.rows[index])
+        width, height = image.size
+        keep, boxes, dropped = [], [], []
+        for i in self.kept(objects):
+            box = _clip_to_image(objects.boxes[i], width, height)
+            if box is not None:
+                keep.append(i)
+                boxes.append(box)
+            else:
+                dropped.append(objects.ids[i])
+        if dropped and image_id not in self._warned_images:
+            self._warned_images.add(image_id)
+            self.dropped_boxes += len(dropped)
+            logger.warning(
+                "%s: dropped %d boxes that lie outside the %dx%d image (object ids %s in %s; %d dropped so far)",
+                name,
+                len(dropped),
+                width,
+                height,
+                dropped,
+                self.source,
+                self.dropped_boxes,
+            )
+        target = _make_target(
+            boxes,
+            [objects.labels[i] for i in keep],
+            [objects.iscrowd[i] for i in keep],
+            [objects.areas[i] for i in keep],
+            image_id,
+            (height, width),
+            self.masks(objects, keep, height, width),
+        )
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        sample = {"image": image, "target": target}
+        if objects.file is not None:
+            sample["file"] = objects.file
+        return sample
+
+
+class CocoJsonDetection(DetectionRows):
+    """One split of a COCO folder: images in ``image_dir``, annotations in a COCO instances JSON (rows: image ids).
+
+    Polygon, uncompressed RLE and compressed RLE masks are decoded by pycocotools. An image whose size disagrees
+    with the annotation file is handled as ``on_bad_sample`` says. Samples carry ``file`` (the ``file_name``).
     """
 
     def __init__(
@@ -132,100 +233,65 @@ class CocoJsonDetection(Dataset):
             raise FileNotFoundError(f"COCO annotation file {self.annotation_file} not found")
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"COCO image folder {self.image_dir} not found")
+        super().__init__(drop_crowd, transforms, str(self.annotation_file), on_bad_sample)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
             self.coco = COCO(str(self.annotation_file))
         self.label_of_category = {cid: label for label, cid in enumerate(category_ids)}
-        self.masks = masks
-        self.drop_crowd = drop_crowd
-        self.transforms = transforms
-        self.guard = BadSampleGuard(on_bad_sample)
-        self.dropped_boxes = 0
-        self._warned_images: set[int] = set()
+        self.with_masks = masks
         for ann in self.coco.dataset.get("annotations", []):
             if ann["category_id"] not in self.label_of_category:
                 raise ValueError(
                     f"{self.annotation_file}: annotation {ann.get('id')} has category_id {ann['category_id']}, "
                     f"which is not among the categories {category_ids}; fix the annotation or the 'categories' list"
                 )
-        self.image_ids = sorted(self.coco.getImgIds())
+        self.rows = sorted(self.coco.getImgIds())
         if skip_empty:
-            self.image_ids = [i for i in self.image_ids if self._annotations(i)]
+            self.skip_empty(map(self.objects, self.rows))
 
-    def _annotations(self, image_id: int) -> list[dict]:
-        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
-        keep = []
-        for ann in anns:
-            if self.drop_crowd and ann.get("iscrowd", 0):
-                continue
-            x, y, w, h = ann["bbox"]
-            if _valid_box(x, y, x + w, y + h):
-                keep.append(ann)
-        return keep
+    @property
+    def image_ids(self) -> list[int]:
+        return self.rows
 
-    def __len__(self) -> int:
-        return len(self.image_ids)
+    def objects(self, row: int) -> ObjectList:
+        """The annotations of image id ``row``."""
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=row))
+        return ObjectList(
+            boxes=[[x, y, x + w, y + h] for x, y, w, h in (ann["bbox"] for ann in anns)],
+            labels=[self.label_of_category[ann["category_id"]] for ann in anns],
+            iscrowd=[int(ann.get("iscrowd", 0)) for ann in anns],
+            areas=[float(ann.get("area", ann["bbox"][2] * ann["bbox"][3])) for ann in anns],
+            ids=[ann.get("id") for ann in anns],
+            file=self.coco.loadImgs(row)[0]["file_name"],
+            annotations=anns,
+        )
 
-    def __getitem__(self, index: int) -> Sample:
-        return self.guard(self._read, index, len(self))
-
-    def _read(self, index: int) -> Sample:
-        image_id = self.image_ids[index]
-        info = self.coco.loadImgs(image_id)[0]
+    def image_objects(self, row: int) -> tuple[Image.Image, ObjectList, int, str]:
+        info = self.coco.loadImgs(row)[0]
         path = self.image_dir / info["file_name"]
         image = open_image(path)
         width, height = image.size
         if info.get("width", width) != width or info.get("height", height) != height:
             raise BadSampleError(
-                f"{path}: the image is {width}x{height} but {self.annotation_file} (image id {image_id}) says "
+                f"{path}: the image is {width}x{height} but {self.annotation_file} (image id {row}) says "
                 f"{info['width']}x{info['height']}; its boxes and masks would not fit it"
             )
-        anns, boxes, dropped = [], [], []
-        for ann in self._annotations(image_id):
-            x, y, w, h = ann["bbox"]
-            box = _clip_to_image((x, y, x + w, y + h), width, height)
-            if box is not None:
-                anns.append(ann)
-                boxes.append(box)
-            else:
-                dropped.append(ann.get("id"))
-        if dropped and image_id not in self._warned_images:
-            self._warned_images.add(image_id)
-            self.dropped_boxes += len(dropped)
-            logger.warning(
-                "%s: dropped %d boxes that lie outside the %dx%d image (annotation ids %s in %s; %d dropped so far)",
-                path,
-                len(dropped),
-                width,
-                height,
-                dropped,
-                self.annotation_file,
-                self.dropped_boxes,
-            )
-        masks = None
-        if self.masks:
-            masks = np.zeros((len(anns), height, width), dtype=np.uint8)
-            for i, ann in enumerate(anns):
-                masks[i] = self.coco.annToMask(ann)
-        target = _make_target(
-            boxes,
-            [self.label_of_category[a["category_id"]] for a in anns],
-            [int(a.get("iscrowd", 0)) for a in anns],
-            [float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
-            int(image_id),
-            (height, width),
-            masks,
-        )
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+        return image, self.objects(row), int(row), str(path)
+
+    def masks(self, objects: ObjectList, keep: list[int], height: int, width: int) -> np.ndarray | None:
+        if not self.with_masks:
+            return None
+        masks = np.zeros((len(keep), height, width), dtype=np.uint8)
+        for i, index in enumerate(keep):
+            masks[i] = self.coco.annToMask(objects.annotations[index])
+        return masks
 
 
-class HFDetection(Dataset):
+class HFDetection(DetectionRows):
     """One split of a Hugging Face ``datasets`` detection set: columns ``image`` and ``objects`` (a dict of lists
-    with ``bbox`` and ``category``, optionally ``area`` and ``iscrowd``), optionally ``image_id``.
+    with ``bbox`` and ``category``, optionally ``area`` and ``iscrowd``), optionally ``image_id`` (rows: row
+    indices).
 
-    ``category`` is already a contiguous index (a ``ClassLabel`` in the usual layout). Boxes only. Boxes are
-    clipped to the image (dropped when empty then); an unreadable image is handled as ``on_bad_sample`` says.
+    ``category`` is already a contiguous index (a ``ClassLabel`` in the usual layout). Boxes only.
     """
 
     def __init__(
@@ -246,29 +312,12 @@ class HFDetection(Dataset):
             )
         if bbox_format not in ("xywh", "xyxy"):
             raise ValueError(f"bbox_format must be 'xywh' or 'xyxy', got {bbox_format!r}")
+        super().__init__(drop_crowd, transforms, source, on_bad_sample)
         self.dataset = dataset
         self.bbox_format = bbox_format
-        self.drop_crowd = drop_crowd
-        self.transforms = transforms
-        self.source = source
-        self.guard = BadSampleGuard(on_bad_sample)
-        self.indices = list(range(len(dataset)))
+        self.rows = list(range(len(dataset)))
         if skip_empty:
-            objects = dataset["objects"]
-            self.indices = [i for i in self.indices if self._keep(objects[i])]
-
-    def _keep(self, objects: dict[str, list]) -> list[int]:
-        """Indices of the objects that stay: valid boxes, and no crowd regions when ``drop_crowd``."""
-        if "bbox" not in objects or "category" not in objects:
-            raise ValueError(f"'objects' needs keys 'bbox' and 'category', found {sorted(objects)}")
-        crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
-        keep = []
-        for i, box in enumerate(objects["bbox"]):
-            if self.drop_crowd and crowd[i]:
-                continue
-            if _valid_box(*self._xyxy(box)):
-                keep.append(i)
-        return keep
+            self.skip_empty(map(self.objects, dataset["objects"]))  # one read of the column, not one per row
 
     def _xyxy(self, box: list[float]) -> list[float]:
         if self.bbox_format == "xywh":
@@ -276,44 +325,30 @@ class HFDetection(Dataset):
             return [x, y, x + w, y + h]
         return list(box)
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Sample:
-        return self.guard(self._read, index, len(self))
-
-    def _read(self, index: int) -> Sample:
-        row = read_row(self.dataset, self.indices[index], f"{self.source} row {self.indices[index]}")
-        image = row["image"]
-        width, height = image.size
-        objects = row["objects"]
-        keep, boxes = [], []
-        for i in self._keep(objects):
-            box = _clip_to_image(self._xyxy(objects["bbox"][i]), width, height)
-            if box is not None:
-                keep.append(i)
-                boxes.append(box)
-        crowd = objects.get("iscrowd") or [0] * len(objects["bbox"])
-        areas = objects.get("area") or [(b[2] - b[0]) * (b[3] - b[1]) for b in map(self._xyxy, objects["bbox"])]
-        target = _make_target(
-            boxes,
-            [int(objects["category"][i]) for i in keep],
-            [int(crowd[i]) for i in keep],
-            [float(areas[i]) for i in keep],
-            int(row.get("image_id", self.indices[index])),
-            (height, width),
-            None,
+    def objects(self, objects: dict[str, list]) -> ObjectList:
+        """A row's ``objects`` column."""
+        if "bbox" not in objects or "category" not in objects:
+            raise ValueError(f"'objects' needs keys 'bbox' and 'category', found {sorted(objects)}")
+        boxes = [self._xyxy(box) for box in objects["bbox"]]
+        return ObjectList(
+            boxes=boxes,
+            labels=[int(category) for category in objects["category"]],
+            iscrowd=[int(crowd) for crowd in objects.get("iscrowd") or [0] * len(boxes)],
+            areas=[float(area) for area in objects.get("area") or [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]],
+            ids=list(range(len(boxes))),
         )
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+
+    def image_objects(self, row: int) -> tuple[Image.Image, ObjectList, int, str]:
+        name = f"{self.source} row {row}"
+        data = read_row(self.dataset, row, name)
+        return data["image"], self.objects(data["objects"]), int(data.get("image_id", row)), name
 
 
 class DetectionPredictImages(Dataset):
-    """Image files to detect on: sample ``i`` is ``(image (3, H, W) float in [0, 1], {"image_id", "file_name",
-    READ_ERROR_KEY})`` for file ``i``, always. A file that cannot be read gives, with ``on_bad_sample="skip"``, the
-    placeholder image and the reason in ``READ_ERROR_KEY`` (the task predicts nothing for it, the writer lists it
-    as failed; see ``swinlab.data.bad_samples``); with ``raise`` it stops the run.
+    """Image files to detect on: sample ``i`` is ``{"image": (3, H, W) float in [0, 1], "target": {"image_id"},
+    "file", READ_ERROR_KEY}`` for file ``i``, always. A file that cannot be read gives, with
+    ``on_bad_sample="skip"``, the placeholder image and the reason in ``READ_ERROR_KEY`` (the task predicts nothing
+    for it, the writer lists it as failed; see ``swinlab.data.bad_samples``); with ``raise`` it stops the run.
     """
 
     def __init__(
@@ -328,11 +363,15 @@ class DetectionPredictImages(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _sample(self, index: int, image: Any, error: str = "") -> Sample:
-        info = {"image_id": self.image_ids[index], "file_name": self.files[index], READ_ERROR_KEY: error}
-        return self.to_tensor(image), info
+    def _sample(self, index: int, image: Image.Image, error: str = "") -> dict[str, Any]:
+        return {
+            "image": self.to_tensor(image),
+            "target": {"image_id": self.image_ids[index]},
+            "file": self.files[index],
+            READ_ERROR_KEY: error,
+        }
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return self.guard.read_or_fail(
             lambda i: self._sample(i, open_image(self.root / self.files[i])),
             index,
@@ -349,7 +388,7 @@ class COCODataModule(BaseDataModule):
     (``save_to_disk`` or parquet; splits ``train``/``validation`` by default), boxes only, so ``masks`` must be
     off. Training leaves out crowd regions and images without annotations; validation keeps both (crowd
     regions are ignored by the COCO metric, as in the official evaluation). Test runs on the validation split.
-    Batches are ``(images, targets)`` lists; training keeps the last incomplete batch.
+    Batches are dicts of lists (see the module docstring); training keeps the last incomplete batch.
 
     Training augmentation (``train_augment``): ``flip`` (a horizontal flip with ``flip_prob``; the detector does
     its own multi-scale resize) or ``multiscale_crop``, the official 3x policy of ``swinlab.data.detection_augment``
@@ -358,12 +397,12 @@ class COCODataModule(BaseDataModule):
     images arrive resized, so ``DetectionTask`` turns the detector's own training resize off (``train_resizes``).
 
     ``predict`` reads every image under ``predict_dir`` (recursively; image ids are the files' sorted positions),
-    else the validation split's images (its image ids); batches are ``(images, infos)`` with ``image_id``,
-    ``file_name`` and ``READ_ERROR_KEY`` ("" or why the file could not be read: that image is marked failed, never
-    replaced by another). The Hugging Face source without ``predict_dir`` predicts on its validation rows.
+    else the validation split's images (its image ids); each sample's ``READ_ERROR_KEY`` is "" or why the file could
+    not be read (that image is marked failed, never replaced by another). The Hugging Face source without
+    ``predict_dir`` predicts on its validation rows.
     """
 
-    train_collate = eval_collate = staticmethod(collate_detection)
+    train_collate = eval_collate = staticmethod(collate_as_lists)
     drop_last_train = False
 
     def __init__(

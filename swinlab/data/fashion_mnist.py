@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.error import URLError
 
 import numpy as np
@@ -62,7 +62,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 class TensorImageDataset(Dataset):
-    """uint8 images (N, 1, H, W) and labels (N,) -> ``(transform(image), label)``."""
+    """uint8 images (N, 1, H, W) and labels (N,) -> ``{"image": transform(image), "label": label}``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
         self.images = images
@@ -72,8 +72,8 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), int(self.labels[index])
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.transform(self.images[index]), "label": int(self.labels[index])}
 
 
 class FashionMNISTDataModule(ClassificationDataModule):

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from torch.utils.data import Dataset
 
 from swinlab.data.bad_samples import BadSampleGuard, OnBadSample
@@ -15,7 +14,8 @@ from swinlab.data.huggingface import holds_hf_data, load_split, read_row, split_
 
 
 class HFImageDataset(Dataset):
-    """A Hugging Face ``datasets.Dataset`` with ``image`` and ``label`` columns -> ``(transform(image), label)``.
+    """A Hugging Face ``datasets.Dataset`` with ``image`` and ``label`` columns -> ``{"image": transform(image),
+    "label": label}``.
 
     A row whose image bytes cannot be decoded is handled as ``on_bad_sample`` says.
     """
@@ -31,11 +31,11 @@ class HFImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _read(self, index: int) -> tuple[torch.Tensor, int]:
+    def _read(self, index: int) -> dict[str, Any]:
         row = read_row(self.dataset, index, f"{self.source} row {index}")
-        return self.transform(row["image"]), int(row["label"])
+        return {"image": self.transform(row["image"]), "label": int(row["label"])}
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         return self.guard(self._read, index, len(self))
 
 

@@ -14,6 +14,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+# The label value that is neither trained on nor scored (mmseg's); padding and reduce_zero_label write it.
+IGNORE_INDEX = 255
+
 
 def to_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
     """``size`` as a positive ``(height, width)``; a ValueError naming the argument ``name`` otherwise."""
@@ -65,7 +68,7 @@ class SegmentationTrainTransform:
         cat_max_ratio: float = 0.75,
         flip_prob: float = 0.5,
         photometric: bool = True,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
     ) -> None:

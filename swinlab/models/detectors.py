@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -26,8 +27,6 @@ from torchvision.ops import MultiScaleRoIAlign
 from swinlab.models.cascade_rcnn import CascadeRCNN
 
 Framework = Literal["mask_rcnn", "faster_rcnn", "cascade_mask_rcnn", "cascade_rcnn", "retinanet", "fcos"]
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 # RoIs are pooled from the levels up to stride 32 (mmdetection's featmap_strides [4, 8, 16, 32]).
 MAX_ROI_STRIDE = 32
@@ -113,8 +112,8 @@ def build_detector(
     strides: Mapping[str, int] | None = None,
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
     **options: Any,
 ) -> nn.Module:
     """A torchvision-style detector on ``backbone`` (images (B, 3, H, W) -> OrderedDict of FPN maps, attribute

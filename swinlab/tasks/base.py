@@ -24,15 +24,9 @@ def build_backbone(name: str, backbone_kwargs: dict[str, Any] | None, pretrained
     return model
 
 
-def batch_images(batch: Any) -> torch.Tensor | list[torch.Tensor]:
-    """The images of a task's batch, ``(images, targets)`` (classification, detection) or ``{"image": ...}``
-    (segmentation): a (B, C, H, W) tensor or a list of (C, H, W) tensors."""
-    return batch["image"] if isinstance(batch, dict) else batch[0]
-
-
-def batch_size(batch: Any) -> int:
+def batch_size(batch: dict[str, Any]) -> int:
     """Images in a task's batch (``ThroughputMonitor``'s ``batch_size_fn``)."""
-    return len(batch_images(batch))
+    return len(batch["image"])
 
 
 class SwinTask(LightningModule, ABC):
@@ -46,7 +40,10 @@ class SwinTask(LightningModule, ABC):
     ``test_metrics``). The hooks read the task's own arguments from ``self.hparams``.
 
     A task keeps its full, explicit ``__init__`` signature (so LightningCLI lists every argument with its type,
-    default and doc), checks its own arguments, and passes the shared ones on to ``SwinTask.__init__``. It logs
+    default and doc) and checks its own arguments. ``SwinTask`` reads the shared hyperparameters (``backbone``,
+    ``backbone_kwargs``, ``pretrained``, ``num_classes``, ``layer_decay``) from ``self.hparams``; the task passes
+    on, by keyword, only what is kept out of them (the optimizer and scheduler callables, ``compile`` and
+    ``compile_kwargs``). Every batch is a dict (``image`` plus the task's ``label``, ``target`` or ``mask``). It logs
     ``train/*``, ``val/*`` and ``test/*`` keys in the matching stage and returns its prediction writer
     (``swinlab.prediction``) from ``configure_callbacks``.
 
@@ -66,32 +63,31 @@ class SwinTask(LightningModule, ABC):
     #: hyperparameters over the command line on ``--ckpt_path`` runs, so a run-time option saved there (the
     #: predictions' location, test-time augmentation) could not be changed for evaluation or prediction.
     hparams_ignore: ClassVar[tuple[str, ...]] = ()
+    #: Whether a training batch's ``image`` is one (B, C, H, W) tensor; False: a list of images of their own sizes,
+    #: whose FLOPs are not counted.
+    fixed_size_images: ClassVar[bool] = True
     #: Run-time options of every task, kept out of the hyperparameters for the same reason.
     shared_run_time_options: ClassVar[tuple[str, ...]] = ("compile", "compile_kwargs")
 
     def __init__(
         self,
-        backbone: str,
-        backbone_kwargs: dict[str, Any] | None,
-        pretrained: str | None,
-        num_classes: int,
+        *,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        layer_decay: float | None = None,
         compile: bool = False,
         compile_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         # Lightning collects the arguments of every __init__ up the class chain, the concrete task's included.
         self.save_hyperparameters(
             ignore=["optimizer", "lr_scheduler", *self.shared_run_time_options, *self.hparams_ignore]
         )
-        self.num_classes = num_classes
+        # A task without classes (pre-training) has no num_classes argument.
+        self.num_classes: int | None = self.hparams.get("num_classes")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self.layer_decay = layer_decay
         self.compile_kwargs = dict(compile_kwargs or {}) if compile else None
         self._compiled = False
         #: Training FLOPs of the current batch, read by ``ThroughputMonitor`` (None: not counted).
@@ -146,13 +142,12 @@ class SwinTask(LightningModule, ABC):
         """(1, C, H, W) zeros at ``example_image_shape``: Lightning's model summary runs it to count FLOPs."""
         return torch.zeros(1, *self.example_image_shape())
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
         # The largest group's lr: with layer decay the head's, the schedule's own value.
         lr = max(group["lr"] for group in self.trainer.optimizers[0].param_groups)
+        images = batch["image"]
         self.log("train/lr", lr, batch_size=batch_size(batch))
-        images = batch_images(batch)
-        # Lists of images of their own sizes (detection) are not counted.
-        if isinstance(images, torch.Tensor):
+        if self.fixed_size_images:
             self.train_image_shape = tuple(images.shape[1:])
             self.flops_per_batch = self.training_flops(images.shape)
         else:
@@ -169,7 +164,8 @@ class SwinTask(LightningModule, ABC):
     def parameter_groups(self) -> list[dict]:
         """``swinlab.optim.param_groups`` of the task; with ``layer_decay`` the backbone's layer ids come from the
         backbone at ``backbone_path``, and everything outside it (necks, heads) gets the top id (full lr)."""
-        if self.layer_decay is None:
+        layer_decay = self.hparams.layer_decay
+        if layer_decay is None:
             return param_groups(self)
         backbone, prefix = self.get_submodule(self.backbone_path), f"{self.backbone_path}."
         top = backbone.num_lr_layers
@@ -177,7 +173,7 @@ class SwinTask(LightningModule, ABC):
         def layer_id(name: str) -> int:
             return backbone.lr_layer_id(name[len(prefix) :]) if name.startswith(prefix) else top
 
-        return param_groups(self, layer_id=layer_id, num_layers=top, layer_decay=self.layer_decay)
+        return param_groups(self, layer_id=layer_id, num_layers=top, layer_decay=layer_decay)
 
     def configure_optimizers(self) -> Any:
         groups = self.parameter_groups()

@@ -16,6 +16,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from swinlab.data.bad_samples import READ_ERROR_KEY
+from swinlab.plots import ClassificationPictures
 from swinlab.prediction import ClassificationPredictionWriter
 from swinlab.tasks.base import SwinTask
 
@@ -67,17 +68,7 @@ class ClassificationTask(SwinTask):
             raise ValueError(f"lr_reference_batch must be >= 1 or null, got {lr_reference_batch}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {ema_decay}")
-        super().__init__(
-            backbone,
-            backbone_kwargs,
-            pretrained,
-            num_classes,
-            optimizer,
-            lr_scheduler,
-            layer_decay,
-            compile,
-            compile_kwargs,
-        )
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile, compile_kwargs=compile_kwargs)
         self.predictions_file = predictions_file
 
     def configure_models(self) -> None:
@@ -149,8 +140,8 @@ class ClassificationTask(SwinTask):
                 f"Mixup/CutMix pairs images within a batch: data batch_size must be even, got {batch_size}"
             )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, targets = batch
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, targets = batch["image"], batch["label"]
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         loss = self.train_loss(self(images), targets)
@@ -166,21 +157,19 @@ class ClassificationTask(SwinTask):
             # including it (the first update copies the weights).
             self.ema.update(self.backbone, step=self.global_step + 1)
 
-    def _evaluate(
-        self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, stage: str
-    ) -> torch.Tensor:
-        """Logs loss and metrics; returns the (B, num_classes) logits for callbacks (``swinlab.plots``)."""
-        images, targets = batch
-        logits = self.eval_network(images)
+    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> torch.Tensor:
+        """Logs loss and metrics; returns the (B, num_classes) logits for ``ClassificationPictures``."""
+        targets = batch["label"]
+        logits = self.eval_network(batch["image"])
         self.log(f"{stage}/loss", self.eval_loss(logits, targets), sync_dist=True)
         metrics.update(logits, targets)
         self.log_dict(metrics, prog_bar=stage == "val")
         return logits.detach()
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, self.val_metrics, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -202,4 +191,4 @@ class ClassificationTask(SwinTask):
         }
 
     def configure_callbacks(self) -> list[Callback]:
-        return [ClassificationPredictionWriter(self.predictions_file)]
+        return [ClassificationPredictionWriter(self.predictions_file), ClassificationPictures()]

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -17,6 +16,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from swinlab.data.bad_samples import READ_ERROR_KEY
 from swinlab.models.detectors import Framework, build_detector
 from swinlab.models.fpn import SwinFPN
+from swinlab.plots import DetectionPictures
 from swinlab.prediction import DetectionPredictionWriter
 from swinlab.tasks.base import SwinTask
 
@@ -72,6 +72,7 @@ class DetectionTask(SwinTask):
     """
 
     backbone_path = "detector.backbone.body"
+    fixed_size_images = False
     hparams_ignore = ("predictions_dir",)
 
     def __init__(
@@ -98,17 +99,7 @@ class DetectionTask(SwinTask):
     ) -> None:
         if len(anchor_sizes) != 5:
             raise ValueError(f"anchor_sizes needs one size per FPN level (5: strides 4..64), got {list(anchor_sizes)}")
-        super().__init__(
-            backbone,
-            backbone_kwargs,
-            pretrained,
-            num_classes,
-            optimizer,
-            lr_scheduler,
-            layer_decay,
-            compile,
-            compile_kwargs,
-        )
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile, compile_kwargs=compile_kwargs)
         self.predictions_dir = predictions_dir
 
     @property
@@ -148,8 +139,6 @@ class DetectionTask(SwinTask):
             self.num_classes,
             min_size=hparams.min_size if isinstance(hparams.min_size, int) else tuple(hparams.min_size),
             max_size=hparams.max_size,
-            image_mean=IMAGENET_DEFAULT_MEAN,
-            image_std=IMAGENET_DEFAULT_STD,
             **self._framework_options(),
         )
 
@@ -198,23 +187,20 @@ class DetectionTask(SwinTask):
         size = min_size if isinstance(min_size, int) else min_size[-1]
         return ([torch.zeros(3, size, size)],)
 
-    def training_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> torch.Tensor:
-        images, targets = batch
-        losses = self.detector(images, self._detector_targets(targets))
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> torch.Tensor:
+        images = batch["image"]
+        losses = self.detector(images, self._detector_targets(batch["target"]))
         loss = sum(losses.values())
         batch_size = len(images)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
-    def _evaluate(
-        self, batch: tuple[list[torch.Tensor], list[dict]], metrics: MeanAveragePrecision
-    ) -> list[dict[str, torch.Tensor]]:
-        """Updates ``metrics``; returns the ``forward`` predictions for callbacks (``swinlab.plots``)."""
-        images, targets = batch
-        predictions = self(images)
+    def _evaluate(self, batch: dict[str, list], metrics: MeanAveragePrecision) -> list[dict[str, torch.Tensor]]:
+        """Updates ``metrics``; returns the ``forward`` predictions for ``DetectionPictures``."""
+        predictions = self(batch["image"])
         metric_targets = []
-        for target in targets:
+        for target in batch["target"]:
             item = {
                 "boxes": target["boxes"].as_subclass(torch.Tensor),
                 "labels": target["labels"],
@@ -239,35 +225,35 @@ class DetectionTask(SwinTask):
         self.log(f"{stage}/box_map_50", logged.pop(f"{stage}/box_map_50"), prog_bar=True)
         self.log_dict(logged)
 
-    def validation_step(
-        self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int
-    ) -> list[dict[str, torch.Tensor]]:
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, torch.Tensor]]:
         return self._evaluate(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
 
-    def test_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> list[dict[str, torch.Tensor]]:
+    def test_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, torch.Tensor]]:
         return self._evaluate(batch, self.test_metrics)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
 
-    def predict_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> list[dict[str, Any]]:
+    def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
         """Per image, in batch order: the ``forward`` detections plus ``image_id``, ``file_name`` and
         ``READ_ERROR_KEY``; an image whose file could not be read (a placeholder) is not run and has no detections."""
-        images, infos = batch
-        readable = [i for i, info in enumerate(infos) if not info.get(READ_ERROR_KEY)]
+        images = batch["image"]
+        files = batch.get("file") or [None] * len(images)
+        errors = batch.get(READ_ERROR_KEY) or [""] * len(images)
+        readable = [i for i, error in enumerate(errors) if not error]
         detections = dict(zip(readable, self([images[i] for i in readable]))) if readable else {}
         return [
             {
                 **detections.get(i, {}),
-                "image_id": info["image_id"],
-                "file_name": info.get("file_name"),
-                READ_ERROR_KEY: info.get(READ_ERROR_KEY, ""),
+                "image_id": target["image_id"],
+                "file_name": file,
+                READ_ERROR_KEY: error,
             }
-            for i, info in enumerate(infos)
+            for i, (target, file, error) in enumerate(zip(batch["target"], files, errors))
         ]
 
     def configure_callbacks(self) -> list[Callback]:
-        return [DetectionPredictionWriter(self.predictions_dir)]
+        return [DetectionPredictionWriter(self.predictions_dir), DetectionPictures()]

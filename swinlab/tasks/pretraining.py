@@ -36,7 +36,8 @@ class MaskedImageModelingTask(SwinTask):
     """
 
     backbone_path = "model.encoder"
-    # num_classes: the placeholder SwinTask needs, no argument of this task (a checkpoint must not name it).
+    # num_classes: the CLI's data.num_classes link still hands its value (None here) to the saved init config; a
+    # checkpoint must not name it, or ``--ckpt_path`` runs would pass it back to this task.
     hparams_ignore = ("num_pictures", "num_classes")
 
     def __init__(
@@ -56,10 +57,7 @@ class MaskedImageModelingTask(SwinTask):
             raise ValueError(f"lr_reference_batch must be >= 1 or null, got {lr_reference_batch}")
         if num_pictures < 0:
             raise ValueError(f"num_pictures must be >= 0, got {num_pictures}")
-        # num_classes: 1 is a placeholder; the encoder is built with num_classes=0 (no head).
-        super().__init__(
-            backbone, backbone_kwargs, pretrained, 1, optimizer, lr_scheduler, layer_decay, compile, compile_kwargs
-        )
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile, compile_kwargs=compile_kwargs)
         self.num_pictures = num_pictures
 
     def configure_models(self) -> None:

@@ -13,9 +13,10 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 # One definition each: the data pipeline's size check and the heads' bilinear resize (still private there).
 from swinlab.data.bad_samples import READ_ERROR_KEY
-from swinlab.data.segmentation_transforms import to_pair
+from swinlab.data.segmentation_transforms import IGNORE_INDEX, to_pair
 from swinlab.models.upernet import FCNHead, UperNetHead
 from swinlab.models.upernet import resize_logits as _resize
+from swinlab.plots import SegmentationPictures
 from swinlab.prediction import SegmentationPredictionWriter
 from swinlab.tasks.base import SwinTask
 
@@ -32,7 +33,7 @@ class SegmentationMetrics(MulticlassJaccardIndex):
     mAcc averages per-class recall over the classes present in the ground truth; aAcc is pixel accuracy.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(num_classes=num_classes, ignore_index=ignore_index, average="macro", validate_args=False)
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -101,7 +102,7 @@ class SegmentationTask(SwinTask):
         aux_channels: int = 256,
         aux_loss_weight: float = 0.4,
         aux_in_index: int = 2,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         inference_mode: Literal["whole", "slide"] = "whole",
         crop_size: int | Sequence[int] = 512,
         stride: int | Sequence[int] = 341,
@@ -125,17 +126,7 @@ class SegmentationTask(SwinTask):
         if not ms_flip_ratios or min(ms_flip_ratios) <= 0:
             raise ValueError(f"ms_flip_ratios must be positive factors, got {ms_flip_ratios!r}")
         crop_size, stride = to_pair(crop_size, "crop_size"), to_pair(stride, "stride")
-        super().__init__(
-            backbone,
-            backbone_kwargs,
-            pretrained,
-            num_classes,
-            optimizer,
-            lr_scheduler,
-            layer_decay,
-            compile,
-            compile_kwargs,
-        )
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, compile=compile, compile_kwargs=compile_kwargs)
         self.crop_size, self.stride = crop_size, stride
         self.inference_mode, self.test_scales, self.test_flip = inference_mode, tuple(test_scales), test_flip
         self.test_augmentation, self.ms_flip_ratios = test_augmentation, tuple(ms_flip_ratios)
@@ -255,7 +246,7 @@ class SegmentationTask(SwinTask):
     def _evaluate(
         self, batch: dict[str, list], metrics: SegmentationMetrics, ms_flip_metrics: SegmentationMetrics
     ) -> list[torch.Tensor]:
-        """Updates the metrics; returns each image's single-pass (H, W) label map for callbacks (``swinlab.plots``)."""
+        """Updates the metrics; returns each image's single-pass (H, W) label map for ``SegmentationPictures``."""
         label_maps = []
         for image, mask in zip(batch["image"], batch["mask"]):
             labels = self.infer(image[None], mask.shape).argmax(dim=1)
@@ -286,14 +277,14 @@ class SegmentationTask(SwinTask):
         self._log_metrics(self.test_metrics, self.test_metrics_ms_flip, "test")
 
     def predict_step(self, batch: dict[str, list], batch_idx: int) -> list[dict[str, Any]]:
-        """Per image: ``name``, ``labels`` (H, W) int64 at the original size, ``raw_image`` uint8 (3, H, W); an image
-        whose ``error`` is set (unreadable file, placeholder pixels) is not predicted: ``{"name", "error"}``."""
+        """Per image: ``file``, ``labels`` (H, W) int64 at the original size, ``raw_image`` uint8 (3, H, W); an image
+        whose ``error`` is set (unreadable file, placeholder pixels) is not predicted: ``{"file", "error"}``."""
         return [
-            {"name": name, "error": error}
+            {"file": file, "error": error}
             if error
-            else {"name": name, "labels": self._predict_labels(image, raw.shape[-2:]).cpu(), "raw_image": raw.cpu()}
-            for name, image, raw, error in zip(batch["name"], batch["image"], batch["raw_image"], batch[READ_ERROR_KEY])
+            else {"file": file, "labels": self._predict_labels(image, raw.shape[-2:]).cpu(), "raw_image": raw.cpu()}
+            for file, image, raw, error in zip(batch["file"], batch["image"], batch["raw_image"], batch[READ_ERROR_KEY])
         ]
 
     def configure_callbacks(self) -> list[Callback]:
-        return [SegmentationPredictionWriter(self.predictions_dir)]
+        return [SegmentationPredictionWriter(self.predictions_dir), SegmentationPictures()]

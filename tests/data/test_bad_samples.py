@@ -93,14 +93,16 @@ def test_image_folder_skips_a_truncated_file_and_keeps_training(folder_with_bad_
     module = image_folder_module(folder_with_bad_images)
     module.setup("fit")
     train = module.train_set
-    images, labels = zip(*(train[i] for i in range(len(train))))
+    samples = [train[i] for i in range(len(train))]
+    images, labels = [sample["image"] for sample in samples], tuple(sample["label"] for sample in samples)
     assert all(image.shape == (3, 32, 32) for image in images)
+    assert samples[1]["file"] == "a/2.jpg"
     # Sample 1 (the truncated a/1.jpg) is replaced by the next one, a/2.jpg; the CMYK b/0.jpg is converted.
     assert labels == (0, 0, 0, 1, 1, 1)
     assert list(train.guard.bad_samples) == [1]
     assert "1.jpg" in caplog.text and "truncated" in caplog.text
     batches = list(module.train_dataloader())
-    assert len(batches) == 3 and all(batch[0].shape == (2, 3, 32, 32) for batch in batches)
+    assert len(batches) == 3 and all(batch["image"].shape == (2, 3, 32, 32) for batch in batches)
 
 
 def test_image_folder_raises_on_request(folder_with_bad_images):
@@ -140,10 +142,10 @@ def coco_root(tmp_path) -> Path:
 def test_coco_drops_boxes_outside_the_image_and_skips_missing_images(coco_root, caplog):
     module = COCODataModule(str(coco_root), masks=False, num_workers=0)
     module.setup("validate")
-    _image, target = module.val_set[0]
+    target = module.val_set[0]["target"]
     assert target["boxes"].tolist() == [[2.0, 2.0, 6.0, 6.0]] and module.val_set.dropped_boxes == 1
     assert "000000000001.jpg" in caplog.text and "[11]" in caplog.text
-    _, target = module.val_set[1]  # the missing image 2 is replaced by image 3
+    target = module.val_set[1]["target"]  # the missing image 2 is replaced by image 3
     assert target["image_id"] == 3 and list(module.val_set.guard.bad_samples) == [1]
     assert "000000000002.jpg: image file not found" in caplog.text
 
@@ -165,7 +167,7 @@ def test_ade20k_skips_a_label_map_with_labels_beyond_the_classes(tmp_path, caplo
     kwargs = {"class_names": ["a", "b", "c"], "crop_size": 16, "scale": (32, 16), "test_scale": None, "num_workers": 0}
     module = ADE20KDataModule(str(root), **kwargs)
     module.setup("validate")
-    assert module.datasets["val"][0]["name"] == "1.jpg" and "0.jpg: label 8 >= num_classes 3" in caplog.text
+    assert module.datasets["val"][0]["file"] == "1.jpg" and "0.jpg: label 8 >= num_classes 3" in caplog.text
     strict = ADE20KDataModule(str(root), on_bad_sample="raise", **kwargs)
     strict.setup("validate")
     with pytest.raises(BadSampleError, match="0.jpg: label 8 >= num_classes 3"):
@@ -173,14 +175,14 @@ def test_ade20k_skips_a_label_map_with_labels_beyond_the_classes(tmp_path, caplo
 
 
 class MeanColourClassifier(LightningModule):
-    """The smallest classifier of (images, labels) batches: a linear layer on the mean colour."""
+    """The smallest classifier of ``{"image", "label"}`` batches: a linear layer on the mean colour."""
 
     def __init__(self) -> None:
         super().__init__()
         self.head = torch.nn.Linear(3, 2)
 
-    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        images, labels = batch
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
         return torch.nn.functional.cross_entropy(self.head(images.mean(dim=(2, 3))), labels)
 
     def training_step(self, batch, batch_idx):
@@ -239,7 +241,7 @@ def test_a_counting_loader_sums_the_skips_of_its_workers(folder_with_bad_images)
     module.setup("validate")
     loader = module.val_dataloader()
     for _ in range(2):  # the second pass counts afresh
-        labels = torch.cat([batch[1] for batch in loader])
+        labels = torch.cat([batch["label"] for batch in loader])
         assert labels.tolist() == [0, 0, 0, 1, 1, 1]  # replaced by the next sample, batches keep their size
         assert loader.skipped.samples == 6 and sorted(loader.skipped.skipped) == [1, 3]
         assert "a/1.jpg" in loader.skipped.skipped[1] and "b/0.jpg" in loader.skipped.skipped[3]
@@ -302,7 +304,7 @@ def test_segmentation_predict_marks_an_unreadable_file_failed_in_its_own_row(fol
     for module in (folder_predict, validation_predict):
         module.setup("predict")
         batches = list(module.predict_dataloader())
-        names = [name for batch in batches for name in batch["name"]]
+        names = [name for batch in batches for name in batch["file"]]
         errors = [error for batch in batches for error in batch[READ_ERROR_KEY]]
         assert_only_the_middle_row_failed(names, errors)
         raw = [image for batch in batches for image in batch["raw_image"]]

@@ -9,10 +9,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from swinlab.data import ADE20KDataModule, COCODataModule, FashionMNISTDataModule
-from swinlab.data.ade20k import collate_as_lists
 from swinlab.data.bad_samples import SkipCountingLoader
-from swinlab.data.base import BaseDataModule
-from swinlab.data.coco import collate_detection
+from swinlab.data.base import BaseDataModule, collate_as_lists
 from swinlab.data.resumable import ResumableDataLoader
 
 
@@ -40,7 +38,7 @@ def test_coco_keeps_the_last_training_batch_and_collates_lists(tmp_path) -> None
     module = fill(COCODataModule(str(tmp_path), batch_size=2, eval_batch_size=4, num_workers=2))
     train, val = module.train_dataloader(), module.val_dataloader()
     assert isinstance(train, ResumableDataLoader) and not train.drop_last and len(train) == 3
-    assert train.collate_fn.collate is collate_detection and val.collate_fn.collate is collate_detection
+    assert train.collate_fn.collate is collate_as_lists and val.collate_fn.collate is collate_as_lists
     assert val.batch_size == 4 and val.persistent_workers
 
 

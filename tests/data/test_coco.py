@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from swinlab.data.coco import COCODataModule, collate_detection, detection_transforms
+from swinlab.data.coco import COCODataModule, detection_transforms
 
 # Non-contiguous ids on purpose: labels must come out 0, 1, 2 in id order.
 CATEGORIES = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}, {"id": 11, "name": "bird"}]
@@ -125,14 +125,15 @@ def test_category_ids_map_to_contiguous_labels_and_back(coco_root: Path) -> None
     assert dm.class_names == ["cat", "dog", "bird"]
     assert dm.category_ids == [3, 7, 11]
     dm.setup("validate")
-    _, target = dm.val_set[0]
+    target = dm.val_set[0]["target"]
     assert [dm.category_ids[label] for label in target["labels"].tolist()] == [3, 7, 11]
 
 
 def test_polygon_rle_and_crowd_masks_decode(coco_root: Path) -> None:
     dm = datamodule(coco_root)
     dm.setup("validate")
-    image, target = dm.val_set[0]
+    sample = dm.val_set[0]
+    image, target = sample["image"], sample["target"]
     assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
     # The zero-width box is dropped; the crowd region stays for evaluation.
     assert target["labels"].tolist() == [0, 1, 2]
@@ -155,24 +156,25 @@ def test_training_drops_crowd_and_empty_images(coco_root: Path) -> None:
     dm.setup("fit")
     assert len(dm.train_set) == 1, "image 2 (no annotations) and 3 (crowd only) are left out of training"
     assert len(dm.val_set) == 3
-    _, target = dm.train_set[0]
+    target = dm.train_set[0]["target"]
     assert target["iscrowd"].tolist() == [0, 0]
     assert target["masks"].shape[0] == 2
-    _, empty = dm.val_set[1]
+    empty = dm.val_set[1]["target"]
     assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, HEIGHT, WIDTH)
 
 
 def test_boxes_only_without_masks(coco_root: Path) -> None:
     dm = datamodule(coco_root, masks=False)
     dm.setup("validate")
-    _, target = dm.val_set[0]
+    target = dm.val_set[0]["target"]
     assert "masks" not in target and target["boxes"].shape == (3, 4)
 
 
 def test_flip_moves_boxes_and_masks(coco_root: Path) -> None:
     dm = datamodule(coco_root)
     dm.setup("validate")
-    image, target = dm.val_set[0]
+    sample = dm.val_set[0]
+    image, target = sample["image"], sample["target"]
     pil = Image.open(coco_root / "val2017" / "000000000001.jpg")
     flipped_image, flipped = detection_transforms(train=True, flip_prob=1.0)(pil, _to_plain(dm.val_set, 0))
     torch.testing.assert_close(flipped_image, image.flip(-1))
@@ -187,24 +189,18 @@ def _to_plain(dataset, index: int) -> dict:
     """The raw target of a sample, before any transform."""
     transforms, dataset.transforms = dataset.transforms, None
     try:
-        return dataset[index][1]
+        return dataset[index]["target"]
     finally:
         dataset.transforms = transforms
 
 
-def test_collate_keeps_images_of_different_sizes() -> None:
-    a = (torch.zeros(3, 10, 12), {"image_id": 1})
-    b = (torch.zeros(3, 20, 8), {"image_id": 2})
-    images, targets = collate_detection([a, b])
-    assert [tuple(i.shape) for i in images] == [(3, 10, 12), (3, 20, 8)]
-    assert [t["image_id"] for t in targets] == [1, 2]
-
-
-def test_loader_batches(coco_root: Path) -> None:
+def test_loader_batches_are_dicts_of_lists(coco_root: Path) -> None:
     dm = datamodule(coco_root, batch_size=2)
     dm.setup("fit")
-    images, targets = next(iter(dm.val_dataloader()))
-    assert len(images) == 2 and len(targets) == 2
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.keys() == {"image", "target", "file"}
+    assert len(batch["image"]) == 2 and len(batch["target"]) == 2
+    assert batch["file"] == ["000000000001.jpg", "000000000002.jpg"]
 
 
 def test_missing_annotation_file_names_the_path(tmp_path: Path) -> None:
@@ -265,7 +261,8 @@ def test_hf_source_gives_boxes_and_labels(tmp_path: Path, layout: str) -> None:
     dm.setup("fit")
     assert len(dm.train_set) == 2, "the image without objects is left out of training"
     assert len(dm.val_set) == 3
-    image, target = dm.val_set[0]
+    sample = dm.val_set[0]
+    image, target = sample["image"], sample["target"]
     assert image.shape == (3, HEIGHT, WIDTH)
     assert target["image_id"] == 100
     assert target["labels"].tolist() == [1, 0]

@@ -37,12 +37,13 @@ def test_splits_shapes_and_normalisation(fashion_mnist_dir):
     assert dm.num_classes == 10 and dm.class_names[0] == "T-shirt/top"
     dm.setup("fit")
     assert len(dm.train_set) == 32 and len(dm.val_set) == 8
-    images, labels = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    images, labels = batch["image"], batch["label"]
     assert images.shape == (4, 1, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
     dm.setup("test")
     assert len(dm.test_set) == 20
     # Eval images are the 28x28 picture centred in a zero border, normalised: the border is (0 - mean) / std.
-    image, _ = dm.test_set[0]
+    image = dm.test_set[0]["image"]
     assert torch.allclose(image[:, :2, :], torch.full_like(image[:, :2, :], -0.2860 / 0.3530), atol=1e-4)
 
 

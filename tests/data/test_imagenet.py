@@ -15,7 +15,8 @@ def test_folder_layout(image_folder):
     assert dm.num_classes == 3 and dm.class_names == WNIDS
     dm.setup("fit")
     assert len(dm.train_set) == 12 and len(dm.val_set) == 6
-    images, labels = next(iter(dm.train_dataloader()))
+    batch = next(iter(dm.train_dataloader()))
+    images, labels = batch["image"], batch["label"]
     assert images.shape == (2, 3, 32, 32) and labels.dtype == torch.int64
     dm.setup("test")  # ImageNet's test loop runs on val
     assert len(dm.test_set) == 6
@@ -72,7 +73,8 @@ def test_hugging_face_saved_dataset(tmp_path):
     assert dm.source == "hf" and dm.class_names == ["cat", "dog", "fox"]
     dm.setup("fit")
     assert len(dm.train_set) == 6 and len(dm.val_set) == 3
-    images, labels = next(iter(dm.val_dataloader()))
+    batch = next(iter(dm.val_dataloader()))
+    images, labels = batch["image"], batch["label"]
     assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1]
 
 
@@ -85,7 +87,8 @@ def test_hugging_face_parquet_files(tmp_path):
     assert dm.source == "hf" and dm.num_classes == 3
     dm.setup("fit")
     assert len(dm.train_set) == 6 and len(dm.val_set) == 3
-    image, label = dm.train_set[1]
+    sample = dm.train_set[1]
+    image, label = sample["image"], sample["label"]
     assert image.shape == (3, 32, 32) and label == 1
     with pytest.raises(FileNotFoundError, match="no parquet files for split 'test'"):
         ImageNetDataModule(data_dir=str(tmp_path / "parquet"), test_split="test", **SMALL).setup("test")

@@ -65,3 +65,28 @@ def test_flip_mirrors_image_and_labels_together(seed: int) -> None:
     assert torch.equal(flipped_mask[:height, :width], mask[:height, :width].flip(-1))
     assert torch.equal(flipped_image[:, :height, :width], image[:, :height, :width].flip(-1))
     assert not torch.equal(flipped_mask, mask), "the L-shape is not mirror-symmetric"
+
+
+def test_random_crop_and_flip_keep_each_label_on_its_own_pixel() -> None:
+    """Pixels encode their (row, column) in channels 0 and 1, the label map the same position as
+    ``(row + 7 * column) % 250``: after the crop and flip every label must still be its pixel's (a mask cropped one
+    pixel away from the image shifts every value by 1 or 7)."""
+    height, width = 48, 64
+    rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.stack([rows, columns, torch.zeros_like(rows)]).to(torch.uint8)
+    mask = ((rows + 7 * columns) % 250).to(torch.uint8)
+    transform = SegmentationTrainTransform(
+        crop_size=32,
+        scale=(width, height),  # fits the image as it is: no resize
+        ratio_range=(1.0, 1.0),
+        cat_max_ratio=1.0,
+        photometric=False,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
+    torch.manual_seed(0)
+    for _ in range(8):
+        out_image, out_mask = transform(image, mask)
+        position = (out_image * 255).round().long()
+        assert out_mask.shape == (32, 32)
+        assert torch.equal(out_mask, (position[0] + 7 * position[1]) % 250)

@@ -47,7 +47,8 @@ def test_writes_coco_layout_with_matching_masks(tmp_path: Path) -> None:
     dm.setup("fit")
     assert len(dm.train_set) == 4
     for index in range(len(dm.val_set)):
-        image, target = dm.val_set[index]
+        sample = dm.val_set[index]
+        image, target = sample["image"], sample["target"]
         masks = target["masks"].as_subclass(torch.Tensor)
         assert image.shape == (3, 64, 64) and len(target["labels"]) >= 1
         assert masks.sum(0).max() == 1, "shapes never overlap"

@@ -4,7 +4,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from swinlab.data.ade20k import ADE20KDataModule
+from swinlab.data import SegmentationDataModule
 from tests.helpers import load_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +28,14 @@ def test_writes_ade20k_layout_that_the_quickstart_reads(tmp_path: Path) -> None:
     data_args = config["data"]["init_args"]
     assert data_args["class_names"] == list(script.CLASS_NAMES)
     assert Path(data_args["data_root"]) == script.DEFAULT_OUT
-    module = ADE20KDataModule(str(tmp_path), class_names=data_args["class_names"], crop_size=32, num_workers=0)
+    assert config["data"]["class_path"] == "swinlab.data.SegmentationDataModule"
+    module = SegmentationDataModule(
+        str(tmp_path),
+        class_names=data_args["class_names"],
+        reduce_zero_label=data_args["reduce_zero_label"],
+        crop_size=32,
+        num_workers=0,
+    )
     module.setup("fit")
     mask = module.datasets["val"][0]["mask"]
     assert len(module.datasets["train"]) == 3

@@ -14,10 +14,10 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.utilities.model_summary import ModelSummary
 
 from swinlab.cli import main
-from swinlab.data import ADE20KDataModule, COCODataModule, FashionMNISTDataModule
+from swinlab.data import COCODataModule, FashionMNISTDataModule, SegmentationDataModule
 from swinlab.models import create_model
 from swinlab.models.flops import count_macs
-from swinlab.plots import read_metrics_csv
+from swinlab.plots import ClassificationPictures, DetectionPictures, SegmentationPictures, read_metrics_csv
 from swinlab.prediction import (
     ClassificationPredictionWriter,
     DetectionPredictionWriter,
@@ -33,6 +33,17 @@ WRITERS = {
     "classification": (ClassificationPredictionWriter, "output_file", "predictions.csv"),
     "detection": (DetectionPredictionWriter, "output_dir", "predictions"),
     "segmentation": (SegmentationPredictionWriter, "output_dir", "predictions"),
+}
+PICTURES = {
+    "classification": ClassificationPictures,
+    "detection": DetectionPictures,
+    "segmentation": SegmentationPictures,
+}
+# The picture each task draws after validate and test (besides the confusion matrix of classification).
+PICTURE_FILES = {
+    "classification": "confusion_matrix.png",
+    "detection": "predictions.png",
+    "segmentation": "predictions.png",
 }
 
 
@@ -66,9 +77,10 @@ def task_and_data(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[SwinT
         return tiny_task(name, data.num_classes), data
     root = tmp_path / "shapes_segmentation"
     load_script("make_shapes_segmentation").write_dataset(root, num_train=2, num_val=2, size=48, seed=0)
-    data = ADE20KDataModule(
+    data = SegmentationDataModule(
         str(root),
         class_names=["a", "b", "c", "d"],
+        reduce_zero_label=True,
         crop_size=32,
         scale=(128, 32),
         test_scale=(128, 40),
@@ -79,8 +91,10 @@ def task_and_data(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[SwinT
 
 
 @pytest.mark.parametrize("task_and_data", TASKS, indirect=True)
-def test_every_task_logs_train_val_and_test_keys_in_their_stage(task_and_data, tmp_path: Path) -> None:
+def test_every_task_logs_train_val_and_test_keys_in_their_stage(task_and_data, request, tmp_path: Path) -> None:
+    """... and its own pictures after validate and test (``configure_callbacks``), none after fit's validation."""
     task, data = task_and_data
+    picture = PICTURE_FILES[request.node.callspec.params["task_and_data"]]
     trainer = Trainer(
         accelerator="cpu",
         max_epochs=1,
@@ -101,11 +115,24 @@ def test_every_task_logs_train_val_and_test_keys_in_their_stage(task_and_data, t
     peak = max(group.get("initial_lr", group["lr"]) for group in trainer.optimizers[0].param_groups)
     assert 0 < trainer.logged_metrics["train/lr"] <= peak
     assert all(key.startswith(("train/", "val/")) for key in fit_keys), fit_keys
+    assert not list(tmp_path.glob("*.png")), "no pictures from the validation inside fit"
     (validated,) = trainer.validate(task, datamodule=data)
     (tested,) = trainer.test(task, datamodule=data)
+    assert (tmp_path / f"val_{picture}").is_file() and (tmp_path / f"test_{picture}").is_file()
     assert validated and all(key.startswith("val/") for key in validated), validated
     assert tested and all(key.startswith("test/") for key in tested), tested
     assert {key.removeprefix("test/") for key in tested} == {key.removeprefix("val/") for key in validated}
+
+
+def test_shared_arguments_are_keyword_only_and_read_from_the_hyperparameters() -> None:
+    """A task passes SwinTask only what stays out of the hyperparameters, by keyword; the rest SwinTask reads from
+    ``hparams``, which Lightning collects from the task's own signature."""
+    parameters = inspect.signature(SwinTask.__init__).parameters.values()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters if p.name != "self")
+    task = tiny_task("classification", 3, layer_decay=0.5)
+    assert task.hparams.layer_decay == 0.5 and task.hparams.backbone == "swin_t"
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        tiny_task("classification", 0)
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -121,13 +148,14 @@ def test_every_task_saves_its_init_arguments_but_the_run_time_options(name: str)
 
 
 @pytest.mark.parametrize("name", TASKS)
-def test_every_task_attaches_its_writer_into_the_run_folder(name: str, tmp_path: Path) -> None:
+def test_every_task_attaches_its_writer_into_the_run_folder_and_its_pictures(name: str, tmp_path: Path) -> None:
     writer_class, attribute, default = WRITERS[name]
     run = SimpleNamespace(default_root_dir=str(tmp_path / "run"))
-    (writer,) = tiny_task(name, 3).configure_callbacks()
+    writer, pictures = tiny_task(name, 3).configure_callbacks()
     assert type(writer) is writer_class and output_path(run, getattr(writer, attribute)) == tmp_path / "run" / default
+    assert type(pictures) is PICTURES[name]
     argument = "predictions_file" if name == "classification" else "predictions_dir"
-    (moved,) = tiny_task(name, 3, **{argument: str(tmp_path / "elsewhere")}).configure_callbacks()
+    moved, _ = tiny_task(name, 3, **{argument: str(tmp_path / "elsewhere")}).configure_callbacks()
     assert output_path(run, getattr(moved, attribute)) == tmp_path / "elsewhere"
 
 

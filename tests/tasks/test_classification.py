@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from swinlab.data import FashionMNISTDataModule, ImageNetDataModule
 from swinlab.models import create_model
 from swinlab.optim import WarmupLR
 from swinlab.tasks import ClassificationTask
+from tests.helpers import labelled_loader
 
 TRAINER = {
     "accelerator": "cpu",
@@ -66,13 +67,13 @@ class BatchRecorder(Callback):
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batches.append((batch[0].clone(), batch[1].clone()))
+        self.batches.append((batch["image"].clone(), batch["label"].clone()))
 
 
 def two_image_loader() -> DataLoader:
     """One batch of two distinct random grey 32x32 images with labels 3 and 7."""
     images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    return DataLoader(TensorDataset(images, torch.tensor([3, 7])), batch_size=2)
+    return labelled_loader(images, torch.tensor([3, 7]), batch_size=2)
 
 
 def smoothed(label: int, smoothing: float, num_classes: int = 10) -> torch.Tensor:
@@ -120,7 +121,7 @@ def test_ema_is_updated_and_used_for_validation(tiny_swin):
     task = grey_task(tiny_swin, ema_decay=0.5)
     start = {k: v.clone() for k, v in task.ema.module.state_dict().items()}
     trainer = Trainer(max_steps=3, limit_val_batches=0, **TRAINER)
-    loader = DataLoader(TensorDataset(torch.rand(6, 1, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])), batch_size=2)
+    loader = labelled_loader(torch.rand(6, 1, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5]), batch_size=2)
     trainer.fit(task, loader)
     assert task.eval_network is task.ema.module
     assert not any(p.requires_grad for p in task.ema.parameters())
@@ -131,14 +132,39 @@ def test_ema_is_updated_and_used_for_validation(tiny_swin):
     logits = []
     task.eval_loss.register_forward_pre_hook(lambda module, args: logits.append(args[0].clone()))
     images, labels = torch.rand(4, 1, 32, 32), torch.tensor([1, 3, 5, 7])
-    (metrics,) = Trainer(**TRAINER).validate(
-        task, DataLoader(TensorDataset(images, labels), batch_size=4), verbose=False
-    )
+    (metrics,) = Trainer(**TRAINER).validate(task, labelled_loader(images, labels, batch_size=4), verbose=False)
     with torch.no_grad():
         averaged, raw = task.ema.module.eval()(images), task.backbone.eval()(images)
     torch.testing.assert_close(logits[0], averaged)
     assert not torch.allclose(logits[0], raw, atol=1e-4)
     assert metrics["val/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(averaged, labels)), rel=1e-5)
+
+
+class WeightRecorder(Callback):
+    """The backbone's parameters after every optimizer step (and the EMA update that follows it)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append({name: p.detach().clone() for name, p in pl_module.backbone.named_parameters()})
+
+
+def test_ema_is_the_hand_computed_average_with_the_configured_decay(tiny_swin):
+    """timm's ModelEmaV3 at step k: the first update copies the weights, each later one keeps ``ema_decay`` of the
+    average. Off by one step (a second copy, or no copy) or timm's default decay (0.9999) gives other weights."""
+    decay = 0.5
+    task = grey_task(tiny_swin, ema_decay=decay)
+    recorder = WeightRecorder()
+    loader = labelled_loader(torch.rand(8, 1, 32, 32), torch.arange(8), batch_size=2)
+    Trainer(max_steps=4, limit_val_batches=0, callbacks=[recorder], **TRAINER).fit(task, loader)
+    expected = dict(recorder.steps[0])
+    for weights in recorder.steps[1:]:
+        expected = {name: decay * expected[name] + (1 - decay) * weights[name] for name in expected}
+    averaged = dict(task.ema.module.named_parameters())
+    assert len(recorder.steps) == 4
+    for name, value in expected.items():
+        torch.testing.assert_close(averaged[name], value, msg=name)
 
 
 def test_mixup_needs_an_even_batch(tiny_swin, fashion_mnist_dir):

@@ -138,7 +138,7 @@ def test_validate_logs_box_and_mask_ap(shapes_root: Path, tmp_path: Path, monkey
     dm = COCODataModule(str(shapes_root), num_workers=0, batch_size=2)
     dm.setup("validate")
     rng = np.random.default_rng(0)
-    served = [fake_predictions(targets, dm.num_classes, rng) for _, targets in dm.val_dataloader()]
+    served = [fake_predictions(batch["target"], dm.num_classes, rng) for batch in dm.val_dataloader()]
     batches = iter(served)
 
     def detections(self: DetectionTask, images: list[torch.Tensor]) -> list[dict]:
@@ -310,11 +310,11 @@ def test_metrics_match_pycocotools_on_the_written_results(shapes_root: Path, tmp
     writer = DetectionPredictionWriter(output_dir=str(tmp_path), score_threshold=0.5)
     trainer = SimpleNamespace(datamodule=dm, world_size=1, global_rank=0)
     rng = np.random.default_rng(0)
-    for batch_idx, (images, targets) in enumerate(dm.val_dataloader()):
-        predictions = fake_predictions(targets, dm.num_classes, rng)
+    for batch_idx, batch in enumerate(dm.val_dataloader()):
+        predictions = fake_predictions(batch["target"], dm.num_classes, rng)
         task.forward = lambda _images, predictions=predictions: predictions
-        task.validation_step((images, targets), batch_idx)
-        writer.write_on_batch_end(trainer, task, predictions, None, (images, targets), batch_idx, 0)
+        task.validation_step(batch, batch_idx)
+        writer.write_on_batch_end(trainer, task, predictions, None, batch, batch_idx, 0)
     writer.on_predict_epoch_end(trainer, task)
     ours = task.val_metrics.compute()
 
@@ -375,3 +375,26 @@ def test_test_logs_test_keys(shapes_root: Path, tmp_path: Path) -> None:
     keys = set(cli.trainer.logged_metrics)
     assert "test/box_map" in keys and "test/mask_map_50" in keys
     assert all(key.startswith("test/") for key in keys), keys
+
+
+def test_small_medium_and_large_ap_follow_the_annotated_area_not_the_box() -> None:
+    """COCO sorts objects into small / medium / large (32², 96²) by their annotated ``area`` (the mask's), not their
+    box. Two hollow 40x40 outlines (area 600: small, one found), a 120x120 outline (area 5000: medium, found) and a
+    110x110 filled square (large, missed): AP small 0.5, medium 1, large 0. Scored by box area instead, the found
+    120x120 outline would be large (AP large 0.5) and medium would hold a found and a missed 40x40 one (0.5)."""
+    boxes = torch.tensor([[0, 0, 40, 40], [50, 0, 90, 40], [0, 50, 120, 170], [130, 50, 240, 160]], dtype=torch.float32)
+    target = {
+        "boxes": boxes,
+        "labels": torch.zeros(4, dtype=torch.int64),
+        "iscrowd": torch.zeros(4, dtype=torch.int64),
+        "area": torch.tensor([600.0, 600.0, 5000.0, 12000.0]),
+        "image_id": 1,
+    }
+    found = {"boxes": boxes[[0, 2]], "scores": torch.tensor([0.9, 0.8]), "labels": torch.zeros(2, dtype=torch.int64)}
+    task = DetectionTask(num_classes=1, masks=False, backbone_kwargs=TINY_BACKBONE, **TINY_HEADS)
+    task.forward = lambda images: [found]
+    task.validation_step({"image": [torch.zeros(3, 300, 300)], "target": [target]}, 0)
+    results = task.val_metrics.compute()
+    assert float(results["map_small"]) == pytest.approx(0.5, abs=0.01)
+    assert float(results["map_medium"]) == pytest.approx(1.0)
+    assert float(results["map_large"]) == 0.0

@@ -146,7 +146,7 @@ def test_multiscale_crop_augmentation_resizes_and_the_detector_does_not_resize_a
     dm = COCODataModule(str(shapes_root), num_workers=0, train_augment="multiscale_crop", **SMALL_AUGMENT)
     dm.setup("fit")
     torch.manual_seed(0)
-    short_sides = {min(dm.train_set[i][0].shape[-2:]) for i in range(len(dm.train_set)) for _ in range(4)}
+    short_sides = {min(dm.train_set[i]["image"].shape[-2:]) for i in range(len(dm.train_set)) for _ in range(4)}
     assert short_sides <= {32, 40, 48, 56, 64} and short_sides - {SIZE}, short_sides  # never the detector's size
     assert dm.train_resizes and not COCODataModule(str(shapes_root), num_workers=0).train_resizes
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from swinlab.data.ade20k import ADE20K_CLASSES, ADE20KDataModule, reduce_zero_label
+from swinlab.data.ade20k import ADE20K_CLASSES, ADE20KDataModule
 from swinlab.data.huggingface import parquet_files
+from swinlab.data.segmentation import SegmentationDataModule, reduce_zero_label
 from swinlab.data.segmentation_transforms import SegmentationTrainTransform, rescale_size
 
 SIZES = {"training": [(40, 56), (48, 48), (36, 60)], "validation": [(44, 52), (40, 40)]}
@@ -36,15 +37,30 @@ def ade_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _module(root: Path, **kwargs) -> ADE20KDataModule:
-    defaults = dict(class_names=["a", "b", "c"], crop_size=32, scale=(128, 32), test_scale=(128, 32), num_workers=0)
-    return ADE20KDataModule(str(root), **{**defaults, **kwargs})
+def _module(root: Path, **kwargs) -> SegmentationDataModule:
+    defaults = dict(
+        class_names=["a", "b", "c"],
+        reduce_zero_label=True,
+        crop_size=32,
+        scale=(128, 32),
+        test_scale=(128, 32),
+        num_workers=0,
+    )
+    return SegmentationDataModule(str(root), **{**defaults, **kwargs})
 
 
-def test_default_classes_are_ade20k_150() -> None:
+def test_ade20k_is_the_generic_module_with_its_150_classes_and_zero_reduced() -> None:
     module = ADE20KDataModule("unused")
+    assert isinstance(module, SegmentationDataModule)
     assert module.num_classes == 150 == len(set(ADE20K_CLASSES))
     assert module.class_names[0] == "wall" and module.class_names[-1] == "flag"
+    assert module.reduce_zero_label and not SegmentationDataModule("unused", class_names=["a"]).reduce_zero_label
+    assert ADE20KDataModule("unused", class_names=["a", "b"], crop_size=64).train_transform.crop_size == (64, 64)
+
+
+def test_generic_module_needs_class_names() -> None:
+    with pytest.raises(ValueError, match="SegmentationDataModule needs class_names"):
+        SegmentationDataModule("unused")
 
 
 def test_reduce_zero_label() -> None:
@@ -62,7 +78,7 @@ def test_folder_layout_train_and_eval_samples(ade_folder: Path) -> None:
     assert set(batch["mask"].unique().tolist()) <= {0, 1, 2, 255}
 
     val = next(iter(module.val_dataloader()))
-    assert val["name"] == ["ADE_validation_00000000.jpg"]
+    assert val["file"] == ["ADE_validation_00000000.jpg"]
     # Labels stay at the original size, reduced; the image is resized into test_scale (short side 32).
     expected = np.where(_label_map(44, 52, 0) == 0, 255, _label_map(44, 52, 0).astype(np.int64) - 1)
     assert torch.equal(val["mask"][0], torch.from_numpy(expected))
@@ -113,7 +129,7 @@ def test_predict_dir_keeps_raw_images(ade_folder: Path) -> None:
     batch = next(iter(module.predict_dataloader()))
     assert [tuple(img.shape[-2:]) for img in batch["raw_image"]] == SIZES["training"]
     assert all(img.dtype == torch.uint8 for img in batch["raw_image"])
-    assert batch["name"] == [f"ADE_training_{i:08d}.jpg" for i in range(3)] and batch["error"] == ["", "", ""]
+    assert batch["file"] == [f"ADE_training_{i:08d}.jpg" for i in range(3)] and batch["error"] == ["", "", ""]
 
 
 def test_parquet_source_matches_folder(ade_folder: Path, tmp_path_factory) -> None:
