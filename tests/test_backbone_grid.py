@@ -12,9 +12,9 @@ from swinlab.cli import main as cli_main
 from swinlab.models import create_model
 from swinlab.models.flops import count_macs
 from swinlab.models.timm_backbone import TimmBackbone
-from tests.helpers import ROOT, load_script
+from tests.helpers import REPO, load_script
 
-ABLATIONS = ROOT / "configs" / "ablations"
+ABLATIONS = REPO / "configs" / "ablations"
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
 BACKBONES = ["swin_t", "swinv2_t", "timm/resnet50", "timm/convnext_tiny"]
 # (grid, base, task kwargs of the backbone, input (C, H, W) its size is compared at)

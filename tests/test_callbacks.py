@@ -25,7 +25,7 @@ from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.cli import main
 from swinlab.data import FashionMNISTDataModule
 from swinlab.tasks import ClassificationTask
-from tests.helpers import ROOT, TINY_SWIN, labelled_loader, write_fashion_mnist
+from tests.helpers import REPO, TINY_SWIN, labelled_loader, write_fashion_mnist
 
 
 class NaNLossAt(ClassificationTask):
@@ -84,7 +84,7 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_training(fashion_mnist_di
         assert torch.equal(saved["state_dict"][key], value), key
 
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 STEPS_PER_EPOCH = 8  # 40 training images - 8 held out, batch 4
 
 
@@ -132,7 +132,7 @@ def run_until_signal(args: list[str], step: int, signum: int, cwd: Path) -> subp
     threads = str(torch.get_num_threads())
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),  # the subprocess imports SignalAtStep from this module (tests is a package)
+        "PYTHONPATH": str(REPO),  # the subprocess imports SignalAtStep from this module (tests is a package)
         "OMP_NUM_THREADS": threads,
     }
     return subprocess.run(

@@ -12,9 +12,9 @@ from swinlab.checkpointing import AtomicCheckpointIO
 from swinlab.cli import main
 from swinlab.models import create_model, load_pretrained
 from swinlab.models.checkpoint_file import CheckpointFileError
-from tests.helpers import ROOT
+from tests.helpers import REPO
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
 
 class RunsCodeWhenUnpickled:

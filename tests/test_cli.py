@@ -13,9 +13,9 @@ from swinlab.__main__ import run as command_line
 from swinlab.cli import FIT_ONLY_KEYS, main
 from swinlab.models import create_model
 from swinlab.validation import ConfigError
-from tests.helpers import ROOT
+from tests.helpers import REPO
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
 
 
@@ -55,7 +55,7 @@ def test_interpolated_value_follows_command_line_override(capsys):
     assert config["checkpoint"]["monitor"] == "val/top1"
 
 
-@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "classification").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "classification").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_classification_config_fits(config, tiny_swin, image_folder, fashion_mnist_dir, tmp_path):
     args = ["fit", "--config", str(config), *CPU, "--trainer.fast_dev_run=true"]
     args += [f"--trainer.default_root_dir={tmp_path}"]
@@ -130,7 +130,7 @@ def test_num_classes_is_linked_from_the_data_module(tiny_swin, image_folder, fas
         "--data.init_args.image_size=32",
         "--data.init_args.num_workers=0",
     ]
-    config = ROOT / "configs" / "classification" / "swin_t_imagenet1k.yaml"
+    config = REPO / "configs" / "classification" / "swin_t_imagenet1k.yaml"
     root = f"--trainer.default_root_dir={tmp_path}"
     cli = main(["--config", str(config), *CPU, *data, *tiny_model_args(tiny_swin), root], run=False)
     assert cli.model.num_classes == 3 and cli.model.backbone.head.out_features == 3
@@ -150,7 +150,7 @@ def test_ddp_fit_and_predict_on_two_cpu_processes(tiny_swin, fashion_mnist_dir, 
         "--trainer.enable_progress_bar=false",
     ]
     # Two processes on two cores, importing this tree's swinlab (not an installed copy).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for args in (
         ["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"],
         ["predict", *common, "--ckpt_path=last", f"--data.init_args.predict_dir={predict_folder}"],

@@ -15,9 +15,9 @@ from swinlab.cli import main
 from swinlab.config_compose import ConfigCompositionError, compose, expand_config_args, merge
 from swinlab.models.hub import PUBLISHED
 from swinlab.sweep import GRID_KEYS
-from tests.helpers import ROOT, TINY_SWIN
+from tests.helpers import REPO, TINY_SWIN
 
-CONFIGS = ROOT / "configs"
+CONFIGS = REPO / "configs"
 QUICKSTART = CONFIGS / "classification" / "quickstart_fashion_mnist.yaml"
 ABLATION_BASE = CONFIGS / "ablations" / "fashion_mnist_base.yaml"
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]

@@ -17,11 +17,11 @@ from swinlab.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from swinlab.export import OnnxModel, build_task, inference_network, main, parse_config
 from swinlab.tasks import ClassificationTask, SegmentationTask
 from swinlab.validation import ConfigError
-from tests.helpers import ROOT
+from tests.helpers import REPO
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
-SEGMENTATION = ROOT / "configs" / "segmentation" / "quickstart_shapes.yaml"
-DETECTION = ROOT / "configs" / "detection" / "quickstart_shapes.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+SEGMENTATION = REPO / "configs" / "segmentation" / "quickstart_shapes.yaml"
+DETECTION = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
 
 
 def classification_args(tiny_swin: dict, data_dir: Path, *extra: str) -> list[str]:
@@ -205,7 +205,7 @@ def test_num_classes_unknown_without_data_or_checkpoint(tmp_path):
 def test_a_composed_paper_recipe_exports_with_random_weights(tmp_path):
     """``export`` composes ``__base__`` as ``fit`` does (this recipe names its model size over a base), and offers
     none of fit's own arguments."""
-    recipe = ROOT / "configs" / "classification" / "swin_t_imagenet1k.yaml"
+    recipe = REPO / "configs" / "classification" / "swin_t_imagenet1k.yaml"
     args = ["--config", str(recipe), f"--data.init_args.data_dir={tmp_path / 'no-data'}", "--output=m.onnx"]
     config = parse_config([*args, "--model.init_args.num_classes=7"])
     assert config.model.init_args.backbone == "swin_t" and config.model.init_args.backbone_kwargs["img_size"] == 224

@@ -27,11 +27,11 @@ from swinlab.cli import main
 from swinlab.models.checkpoint_file import CheckpointFileError
 from swinlab.tasks import ClassificationTask
 from swinlab.validation import ConfigError
-from tests.helpers import ROOT, TINY_SWIN, write_fashion_mnist
+from tests.helpers import REPO, TINY_SWIN, write_fashion_mnist
 
 pytestmark = pytest.mark.slow
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
 
 def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
@@ -61,7 +61,7 @@ def fit_args(data_dir: Path, root: Path, *extra: str) -> list[str]:
 
 
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env}
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(
         [sys.executable, "-m", "swinlab", *args], env=environment, cwd=cwd, capture_output=True, text=True, timeout=300
     )

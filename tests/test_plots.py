@@ -20,10 +20,10 @@ from swinlab.plots import (
     plot_training_curves,
     read_metrics_csv,
 )
-from tests.helpers import ROOT, TINY_SWIN
+from tests.helpers import REPO, TINY_SWIN
 from tests.tasks.test_base import TASKS, task_and_data  # noqa: F401  (fixture)
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
 
 

@@ -16,9 +16,9 @@ import yaml
 
 from swinlab import search, sweep
 from swinlab.validation import ConfigError
-from tests.helpers import ROOT, TINY_SWIN
+from tests.helpers import REPO, TINY_SWIN
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 LR = "model.init_args.optimizer.init_args.lr"
 WINDOW = "model.init_args.backbone_kwargs.window_size"
 SPACE = {LR: {"float": [1.0e-5, 0.5], "log": True}, WINDOW: {"choice": [2, 4]}}
@@ -179,7 +179,7 @@ def test_sigkilled_search_restarts_to_exactly_n_trials_on_a_journal_file(tmp_pat
     args = search_args(tmp_path, fashion_mnist_dir, 3, "--storage", str(journal), "--pruner", "none")
     out = tmp_path / "out"
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen([sys.executable, "-m", "swinlab", "sweep", *args], cwd=ROOT, stdout=log, stderr=log)
+        first = subprocess.Popen([sys.executable, "-m", "swinlab", "sweep", *args], cwd=REPO, stdout=log, stderr=log)
         try:
             wait_for(out / "trial_0001" / "seed0" / "sweep_config.yaml", first)
         finally:

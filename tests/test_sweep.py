@@ -14,9 +14,9 @@ import yaml
 
 from swinlab import sweep
 from swinlab.validation import ConfigError
-from tests.helpers import ROOT
+from tests.helpers import REPO
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true"]
 
 
@@ -198,7 +198,7 @@ def test_python_m_swinlab_sweep_dispatches_and_reports_bad_input(tmp_path):
         "1",
         "--dry-run",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # swinlab from this checkout, whatever the working folder
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # swinlab from this checkout, whatever the working folder
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert (
         done.returncode == 0 and "1 points x 1 seeds, 1 to run" in done.stderr and "shift=false seed 1" in done.stderr
@@ -226,7 +226,7 @@ def test_submitit_sweep_gathers_results_and_resubmits_a_killed_run(
 ):
     """Real subprocess jobs (submitit's local executor); one is killed mid-fit; the restarted sweep reruns only it."""
     # The jobs unpickle swinlab.sweep.run_fit: from this checkout, whatever the working folder.
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.INFO, logger="swinlab.sweep")
     grid = write_shift_grid(tmp_path / "grid.yaml")

@@ -12,9 +12,9 @@ from swinlab.data import ADE20KDataModule
 from swinlab.models import create_model, list_models
 from swinlab.tasks import SegmentationTask
 from swinlab.validation import ConfigError, check_num_classes
-from tests.helpers import ROOT
+from tests.helpers import REPO
 
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
 
 def fit_args(data_dir: Path, root: Path, backbone: dict) -> list[str]:

@@ -11,9 +11,9 @@ from swinlab.models import create_model
 from swinlab.models.cascade_rcnn import STAGE_TARGET_STDS, CascadeRCNN
 from swinlab.models.detectors import build_detector, feature_strides
 from swinlab.models.fpn import SwinFPN
+from tests.helpers import TINY_BACKBONE
 
 SWIN_FPN_STRIDES = {"0": 4, "1": 8, "2": 16, "3": 32, "pool": 64}
-TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}
 # FCOS's heads use GroupNorm(32), so the FPN needs a multiple of 32 channels.
 TINY_FPN_CHANNELS = 32
 TINY_HEADS = {

@@ -10,7 +10,7 @@ from timm.models import get_pretrained_cfg
 
 from swinlab.models import create_model, load_pretrained
 from swinlab.models.hub import PUBLISHED, resolve_weights
-from tests.helpers import ROOT, TINY_SWIN, write_hub_cache
+from tests.helpers import REPO, TINY_SWIN, write_hub_cache
 
 REPO_ID = "timm/swin_tiny_patch4_window7_224.ms_in1k"
 
@@ -62,7 +62,7 @@ def test_environment_variables_are_honoured_in_a_fresh_process(tmp_path, tiny_ti
     snapshot = write_hub_cache(tmp_path / "hub", REPO_ID, tiny_timm_swin.state_dict())
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     code = "from swinlab.models.hub import resolve_weights; print(resolve_weights('swin_tiny_patch4_window7_224'))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(snapshot)
 

@@ -14,10 +14,10 @@ import torch
 
 from swinlab.models import create_model, register_model
 from swinlab.tasks import ClassificationTask, SegmentationTask
-from tests.helpers import ROOT
+from tests.helpers import REPO
 
-EXAMPLE = ROOT / "examples" / "my_backbone.py"
-QUICKSTART = ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
+EXAMPLE = REPO / "examples" / "my_backbone.py"
+QUICKSTART = REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_cli_quickstart_with_the_user_backbone(user_module: Path, fashion_mnist_
         "--data.init_args.persistent_workers=false",
     ]
     # Run from the user's project folder, as a user would: `python -m` puts it on sys.path.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "swinlab", *args], cwd=user_module, env=env, capture_output=True, text=True, timeout=300
     )

@@ -10,9 +10,7 @@ import torch
 import yaml
 
 from swinlab.data.coco import COCODataModule
-from tests.helpers import load_script
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, load_script
 
 
 def test_writes_coco_layout_with_matching_masks(tmp_path: Path) -> None:

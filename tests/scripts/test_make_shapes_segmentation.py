@@ -5,9 +5,7 @@ import yaml
 from PIL import Image
 
 from swinlab.data import SegmentationDataModule
-from tests.helpers import load_script
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, load_script
 
 
 def test_writes_ade20k_layout_that_the_quickstart_reads(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from swinlab.prediction import (
     output_path,
 )
 from swinlab.tasks import ClassificationTask, DetectionTask, SegmentationTask, SwinTask
-from tests.helpers import ROOT, TINY_SWIN, load_script
+from tests.helpers import REPO, TINY_SWIN, load_script
 
 DENSE_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}
 TASKS = ("classification", "detection", "segmentation")
@@ -187,7 +187,7 @@ def test_compiled_task_trains_and_logs_throughput(fashion_mnist_dir: Path, tmp_p
     args = [
         "fit",
         "--config",
-        str(ROOT / "configs" / "classification" / "quickstart_fashion_mnist.yaml"),
+        str(REPO / "configs" / "classification" / "quickstart_fashion_mnist.yaml"),
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
         "--trainer.precision=32-true",

@@ -21,12 +21,10 @@ from swinlab.cli import main
 from swinlab.data.coco import COCODataModule
 from swinlab.prediction import DetectionPredictionWriter
 from swinlab.tasks.detection import DetectionTask, SwinFPN
-from tests.helpers import load_script, write_hub_cache
+from tests.helpers import REPO, TINY_BACKBONE, load_script, write_hub_cache
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "detection").glob("*.yaml"))
 SIZE = 64
-TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}
 # COCOeval.stats[0:6]: AP, AP50, AP75, AP small, AP medium, AP large.
 COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 TINY_HEADS = {"fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 16, "min_size": SIZE, "max_size": SIZE}

@@ -17,12 +17,10 @@ from swinlab.cli import main
 from swinlab.data.coco import COCODataModule
 from swinlab.models.cascade_rcnn import CascadeRCNN
 from swinlab.tasks.detection import DetectionTask
-from tests.helpers import load_script
+from tests.helpers import REPO, TINY_BACKBONE, load_script
 
-REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
 SIZE = 64
-TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1], "window_size": 4}
 TINY_HEADS = {"fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 16, "min_size": SIZE, "max_size": SIZE}
 # The 3x augmentation scaled to 64 px images.
 SMALL_AUGMENT = {

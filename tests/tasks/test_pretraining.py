@@ -10,12 +10,12 @@ import torch
 
 from swinlab.cli import main
 from swinlab.tasks import MaskedImageModelingTask
-from tests.helpers import ROOT, TINY_SWIN, write_fashion_mnist
+from tests.helpers import REPO, TINY_SWIN, write_fashion_mnist
 from tests.test_callbacks import last_checkpoint, run_until_signal
 
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true"]
-RECIPES = sorted((ROOT / "configs" / "pretraining").glob("*.yaml"))
-QUICKSTART = ROOT / "configs" / "pretraining" / "simmim_quickstart_fashion_mnist.yaml"
+RECIPES = sorted((REPO / "configs" / "pretraining").glob("*.yaml"))
+QUICKSTART = REPO / "configs" / "pretraining" / "simmim_quickstart_fashion_mnist.yaml"
 
 
 def tiny_args(config: Path, data: list[str], root: Path, in_chans: int = 3) -> list[str]:

@@ -14,11 +14,9 @@ from swinlab.data.ade20k import ADE20KDataModule
 from swinlab.optim import WarmupLR
 from swinlab.prediction import label_palette
 from swinlab.tasks.segmentation import SegmentationMetrics, SegmentationTask
-from tests.helpers import load_script
+from tests.helpers import REPO, TINY_BACKBONE, load_script
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "segmentation").glob("*.yaml"))
-TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}
 
 
 def tiny_task(**kwargs) -> SegmentationTask:

@@ -11,10 +11,8 @@ import torch.nn.functional as F
 
 from swinlab.cli import main
 from swinlab.tasks.segmentation import MS_FLIP_RATIOS, SegmentationTask
-from tests.helpers import load_script
+from tests.helpers import REPO, TINY_BACKBONE, load_script
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_BACKBONE = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4}
 IMAGE_SIZE, OUTPUT_SIZE = (40, 56), (51, 67)
 
 
