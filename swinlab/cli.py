@@ -140,7 +140,7 @@ class SwinLabCLI(LightningCLI):
     names others (docs/tracking.md), the pictures of ``swinlab.plots`` (training curves after ``fit``,
     evaluation pictures after ``validate``/``test``) and, in ``fit``, a ``ThroughputMonitor`` (images/s, FLOP/s).
 
-    Reliability (see README "Resuming and pre-emption"): the config is checked before anything is built
+    Reliability (see docs/reliability.md): the config is checked before anything is built
     (``swinlab.validation``); checkpoints are saved atomically and loaded with ``weights_only=True``
     (``AtomicCheckpointIO``); ``last.ckpt`` is also refreshed every ``checkpoint_every_n_steps`` steps or
     ``checkpoint_every_minutes`` minutes and on SIGTERM; non-finite losses skip their step (group ``non_finite``).
