@@ -14,6 +14,7 @@ import yaml
 from swinlab.cli import main
 from swinlab.config_compose import ConfigCompositionError, compose, expand_config_args, merge
 from swinlab.models.hub import PUBLISHED
+from swinlab.search import KINDS as SEARCH_KINDS
 from swinlab.sweep import GRID_KEYS
 from tests.helpers import REPO, TINY_SWIN
 
@@ -24,15 +25,17 @@ CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=a
 SHAPE_KEYS = {"embed_dim", "depths", "num_heads"}
 
 
-def is_grid(path: Path) -> bool:
-    """A sweep grid file (``seeds``/``grid``/``points``), not a LightningCLI config."""
+def is_sweep_file(path: Path) -> bool:
+    """A sweep grid (``seeds``/``grid``/``points``) or a search space (dotted keys to ranges), not a LightningCLI
+    config."""
     content = yaml.safe_load(path.read_text()) or {}
-    return set(content) <= set(GRID_KEYS)
+    ranges = all(isinstance(spec, dict) and any(kind in spec for kind in SEARCH_KINDS) for spec in content.values())
+    return set(content) <= set(GRID_KEYS) or ranges
 
 
 ALL_YAML = sorted(CONFIGS.rglob("*.yaml"))
-# What a user runs: every config outside the ``_base_`` folders, except the sweep grids.
-SHIPPED = [p for p in ALL_YAML if "_base_" not in p.parts and not is_grid(p)]
+# What a user runs: every config outside the ``_base_`` folders, except sweep grids and search spaces.
+SHIPPED = [p for p in ALL_YAML if "_base_" not in p.parts and not is_sweep_file(p)]
 IDS = [str(p.relative_to(CONFIGS)) for p in SHIPPED]
 
 

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from timm.optim import param_groups_layer_decay
 from torch.utils.data import DataLoader
 
+from swinlab.data.base import collate_as_lists
 from swinlab.models import create_model, load_pretrained
 from swinlab.tasks import ClassificationTask, DetectionTask, SegmentationTask
 
@@ -143,7 +144,7 @@ def test_classification_task_trains_a_timm_classifier_with_layer_decay() -> None
     )
     scales = {group["lr_scale"] for group in task.parameter_groups()}
     assert min(scales) < max(scales) == 1.0
-    data = [(torch.randn(1, 32, 32), i % 3) for i in range(8)]
+    data = [{"image": torch.randn(1, 32, 32), "label": i % 3} for i in range(8)]
     fit_steps(task, DataLoader(data, batch_size=4))
 
 
@@ -161,8 +162,8 @@ def test_detection_task_trains_on_timm_features() -> None:
         "boxes": torch.tensor([[10.0, 8.0, 40.0, 30.0], [20.0, 30.0, 50.0, 60.0]]),
         "labels": torch.tensor([0, 1]),
     }
-    data = [(torch.rand(3, 64, 64), {**target, "masks": masks}) for _ in range(4)]
-    fit_steps(task, DataLoader(data, batch_size=2, collate_fn=lambda batch: tuple(map(list, zip(*batch)))))
+    data = [{"image": torch.rand(3, 64, 64), "target": {**target, "masks": masks}} for _ in range(4)]
+    fit_steps(task, DataLoader(data, batch_size=2, collate_fn=collate_as_lists))
 
 
 def test_segmentation_task_trains_on_timm_features() -> None:
