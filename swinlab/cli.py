@@ -12,7 +12,7 @@ import os
 import sys
 from argparse import RawDescriptionHelpFormatter
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ArgumentError, DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -131,6 +131,24 @@ def add_fit_arguments(parser: LightningArgumentParser) -> None:
     )
 
 
+def add_model_file_arguments(parser: LightningArgumentParser) -> None:
+    """``--model_file``: validate, test or predict with an exported model instead of the PyTorch network."""
+    group = parser.add_argument_group("exported model", "Run a file written by `python -m swinlab export`.")
+    group.add_argument(
+        "--model_file",
+        type=str | None,
+        default=None,
+        help="an exported model (.onnx, or OpenVINO .xml) that runs in place of the network; the config still "
+        "gives the task, its data and its post-processing, the file gives the weights (no --ckpt_path)",
+    )
+    group.add_argument(
+        "--runtime",
+        type=Literal["onnxruntime", "openvino"] | None,
+        default=None,
+        help="the CPU runtime that runs --model_file (default: openvino for .xml, onnxruntime for .onnx)",
+    )
+
+
 class SwinLabCLI(LightningCLI):
     """LightningCLI with OmegaConf interpolation, class-path model/data selection, and task-owned optimizers.
 
@@ -165,6 +183,8 @@ class SwinLabCLI(LightningCLI):
         """The arguments of one command, after those all commands share (:meth:`add_arguments_to_parser`)."""
         if command == "fit":
             add_fit_arguments(parser)
+        elif command in ("validate", "test", "predict"):
+            add_model_file_arguments(parser)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The link is skipped for tasks without a ``num_classes`` init argument.
@@ -206,6 +226,13 @@ class SwinLabCLI(LightningCLI):
             # A fixed folder, so ``--ckpt_path last`` in a later run finds ``last.ckpt``.
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         validate_run_config(config, self.subcommand)
+        if config.get("model_file") is not None:
+            if config.get("ckpt_path") is not None:
+                raise ConfigError(
+                    f"--model_file {config.model_file} holds the weights: drop --ckpt_path {config.ckpt_path}"
+                )
+            if "pretrained" in (config.model.get("init_args") or {}):
+                config.model.init_args.pretrained = None  # the file's weights replace them
         self._run_lock = RunFolderLock(root)
         self._requested_num_classes = requested_num_classes(config)
 
@@ -286,6 +313,11 @@ class SwinLabCLI(LightningCLI):
         if ckpt_path not in (None, "last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
             check_checkpoint_matches(ckpt_path, self.model, self.datamodule)
         check_num_classes(self.model, self.datamodule, self._requested_num_classes)
+        model_file = self._subcommand_config().get("model_file")
+        if model_file is not None:
+            from swinlab.deploy.runtime import ExportedModel
+
+            self.model.use_exported(ExportedModel(model_file, runtime=self._subcommand_config().runtime))
 
     def before_fit(self) -> None:
         """One fit at a time per run folder: rank 0 (before it starts the other DDP processes) takes the folder's

@@ -1,30 +1,32 @@
-"""ONNX export of a trained classification or segmentation task, optionally INT8, for CPU inference.
+"""``python -m swinlab export``: a trained task as a file for CPU inference, with onnxruntime or OpenVINO.
 
-    python -m swinlab export --config CONFIG [--ckpt_path CKPT] --output model.onnx [--optimize] [--quantize int8]
-        [--int8_method auto|static|dynamic] [--evaluate]
+    python -m swinlab export --config CONFIG [--ckpt_path CKPT] --output PATH [--runtime auto|onnxruntime|openvino]
+        [--precision fp32|bf16|int8] [--input_size H W] [--calibration_images N] [--optimize] [--evaluate]
 
 The config is parsed exactly as ``fit`` parses it, through the same construction (``swinlab.cli.build_cli``:
 ``__base__`` composition, overrides, ``${...}`` interpolation, one-line errors), without ``fit``'s own arguments
-(``--overwrite``, checkpoint timing, ...; a recipe's values for them are ignored). Only the task is built: the
-data module is constructed (never set up) only to learn ``num_classes`` when no checkpoint gives it, and read only
-for ``--quantize int8`` calibration and ``--evaluate``. The batch dimension of the
-exported model is dynamic; height and width are fixed at export (``--input_size``, default the backbone's
-``img_size``) because the shifted-window layout and its masks are computed from the map size in Python.
+(``--overwrite``, checkpoint timing, ...; a recipe's values for them are ignored). The task is built with the
+checkpoint's weights (random ones without ``--ckpt_path``); the data module is constructed (never set up unless
+needed) to learn ``num_classes`` when no checkpoint gives it, and read for INT8 calibration and ``--evaluate``.
 
-``--optimize``: onnxruntime's transformer graph optimizer (``optimize_model(model_type="swin")``: constant folding,
-bias + GELU fusion, ...) rewrites the fp32 graph before it is checked against PyTorch and, with ``--quantize``,
-quantized.
+What is written is the task's ``export_network`` (classification: logits; segmentation: UperNet logits at the
+input size; pre-training: the encoder's pooled features; detection: one image's boxes, labels, scores and masks,
+``swinlab.deploy.detection``). Classification, segmentation and pre-training graphs take any batch and, by
+default, any height and width (``swinlab.deploy.onnx_graph``); ``--input_size H W`` fixes them.
 
-``--quantize int8``: ``--int8_method static`` is QDQ quantization (``onnxruntime.quantization.quantize_static``)
-calibrated on ``--calibration_images`` training images, ``dynamic`` quantizes the weights only
-(``quantize_dynamic``, activation ranges measured per batch at run time); ``auto`` (default) is static when the
-config's data exists, dynamic otherwise.
+``--runtime``: an ``.onnx`` output runs in onnxruntime, an ``.xml`` output is an OpenVINO IR; ``auto`` (default)
+takes the runtime from the output's suffix and, for an output without one, times both on the fp32 graph and
+writes for the faster (``swinlab.deploy.runtime``). ``--precision int8`` is NNCF post-training quantization
+(OpenVINO) or static QDQ quantization (onnxruntime), calibrated on ``--calibration_images`` training images of the
+config; ``bf16`` is OpenVINO's bf16 inference (CPUs with AVX-512 BF16 or AMX). ``--optimize``: onnxruntime's
+transformer graph optimizer (``optimize_model(model_type="swin")``) rewrites the fp32 graph first.
+``--evaluate`` runs the task's own test loop (top-1, mIoU or COCO AP) with the PyTorch network and with the
+written file, and prints both.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,16 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jsonargparse import ActionYesNo, Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser
-from torch import nn
 
 from swinlab.cli import SwinLabCLI, build_cli
 from swinlab.models.checkpoint_file import CheckpointFileError, read_lightning_checkpoint
-from swinlab.tasks import ClassificationTask, DetectionTask, SegmentationTask
+from swinlab.tasks import DetectionTask
 from swinlab.validation import ConfigError, data_problems, validate_run_config
 
-INPUT_NAME = "images"
+SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}
 
 
 class ExportCLI(SwinLabCLI):
@@ -51,42 +52,45 @@ class ExportCLI(SwinLabCLI):
 
     def add_command_arguments(self, parser: LightningArgumentParser, command: str) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="Lightning checkpoint to export")
-        parser.add_argument("--output", type=str, required=True, help="the .onnx file to write")
         parser.add_argument(
-            "--quantize",
-            type=Literal["int8"] | None,
-            default=None,
-            help="int8: quantize the fp32 graph (see --int8_method)",
+            "--output",
+            type=str,
+            required=True,
+            help="the file to write: .onnx (onnxruntime), .xml (OpenVINO IR, with its .bin), or a path without a "
+            "suffix, which gets the one of --runtime",
         )
         parser.add_argument(
-            "--int8_method",
-            type=Literal["auto", "static", "dynamic"],
+            "--runtime",
+            type=Literal["auto", "onnxruntime", "openvino"],
             default="auto",
-            help="static: QDQ calibrated on training images; dynamic: int8 weights, activation ranges at run time; "
-            "auto: static if the config's data exists, else dynamic",
+            help="the CPU runtime the file is written for; auto: the --output suffix's, or for a path without one "
+            "the faster of the two on this machine (timed on the fp32 graph, and printed)",
+        )
+        parser.add_argument(
+            "--precision",
+            type=Literal["fp32", "bf16", "int8"],
+            default="fp32",
+            help="int8: post-training quantization calibrated on the config's training images (NNCF for OpenVINO, "
+            "static QDQ for onnxruntime); bf16: OpenVINO's bf16 inference (AVX-512 BF16 or AMX CPUs)",
+        )
+        parser.add_argument("--calibration_images", type=int, default=300, help="training images for INT8 calibration")
+        parser.add_argument(
+            "--input_size",
+            type=list[int] | None,
+            default=None,
+            help="[H, W]: a graph for this image size only (default: any size; detection: the config's test size)",
         )
         parser.add_argument(
             "--optimize",
             action=ActionYesNo,
             default=False,
-            help="run onnxruntime's transformer graph optimizer (model_type swin) on the fp32 graph before checking "
-            "and quantizing it",
-        )
-        parser.add_argument(
-            "--calibration_images", type=int, default=300, help="training images for static INT8 calibration"
-        )
-        parser.add_argument(
-            "--input_size",
-            type=list[int] | None,
-            default=None,
-            help="[H, W] the model is exported for (default: the backbone's img_size)",
+            help="onnxruntime: run its transformer graph optimizer (model_type swin) on the fp32 graph first",
         )
         parser.add_argument(
             "--evaluate",
             action=ActionYesNo,
             default=False,
-            help="classification: print the ONNX model's top-1 on the data module's test split (and the fp32 "
-            "model's when quantizing)",
+            help="print the test metrics (top-1, mIoU or COCO AP) of the written file next to PyTorch's",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -104,7 +108,7 @@ def parse_config(args: list[str] | None = None) -> Namespace:
         args,
         run=False,
         prog="python -m swinlab export",
-        description="Export a classification or segmentation task as ONNX for CPU inference, optionally INT8.",
+        description="Export a trained task for CPU inference with onnxruntime or OpenVINO, optionally bf16 or INT8.",
     ).config
 
 
@@ -164,51 +168,6 @@ def build_task(
     return task.eval()
 
 
-def inference_network(task: LightningModule) -> nn.Module:
-    """What is exported: a classifier's evaluation weights (the EMA when enabled) mapping (B, C, H, W) images to
-    (B, num_classes) logits, or a segmenter mapping them to (B, num_classes, H, W) logits."""
-    if isinstance(task, ClassificationTask):
-        return task.eval_network.eval()
-    if isinstance(task, SegmentationTask):
-        return task.eval()
-    if isinstance(task, DetectionTask):
-        raise ConfigError(
-            "DetectionTask cannot be exported: torchvision's Mask R-CNN takes a list of images and filters "
-            "proposals into data-dependent shapes, which torch.onnx.export(dynamo=True) does not trace; export a "
-            "classification or segmentation config instead"
-        )
-    raise ConfigError(f"{type(task).__name__} cannot be exported; supported: ClassificationTask, SegmentationTask")
-
-
-def default_input_shape(network: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) of the images the backbone was built for: ``in_chans`` and ``img_size``."""
-    backbone = getattr(network, "backbone", network)
-    return (backbone.patch_embed.proj.in_channels, *backbone.img_size)
-
-
-def export_onnx(network: nn.Module, path: str | Path, input_shape: tuple[int, int, int]) -> None:
-    """Write ``network`` (eval mode) as ONNX with a dynamic batch and a fixed ``input_shape`` (C, H, W)."""
-    try:
-        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
-    except ImportError as err:
-        raise ImportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install onnxscript") from err
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    # Batch 2 in the example: a size-1 dimension would be specialised to the constant 1.
-    example = torch.randn(2, *input_shape)
-    # Not under no_grad: there swinlab's window attention takes its SDPA path, whose export fixes the batch size
-    # to the example's (the explicit path traced with grad enabled keeps it dynamic).
-    torch.onnx.export(
-        network,
-        (example,),
-        str(path),
-        dynamo=True,
-        input_names=[INPUT_NAME],
-        output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},),
-        verbose=False,
-    )
-
-
 def optimize_graph(fp32_path: str | Path, output: str | Path) -> dict[str, int]:
     """Write ``fp32_path`` rewritten by onnxruntime's transformer optimizer for Swin (fp32, CPU operators);
     returns how many of each fused operator it made."""
@@ -221,93 +180,17 @@ def optimize_graph(fp32_path: str | Path, output: str | Path) -> dict[str, int]:
     return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
 
 
-class OnnxModel:
-    """An onnxruntime CPU session; (B, C, H, W) float32 images -> the model's output, as numpy arrays."""
-
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_shape = tuple(self.session.get_inputs()[0].shape[1:])
-
-    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        images = images.numpy() if isinstance(images, torch.Tensor) else images
-        if tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"{self.path} was exported for images of shape (batch, {', '.join(map(str, self.input_shape))}) "
-                f"and got {tuple(images.shape)}: the window layout is fixed at export, so resize the images or "
-                "export again with --input_size [H, W]"
-            )
-        return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})[0]
-
-
-def max_abs_difference(network: nn.Module, model: OnnxModel, images: torch.Tensor) -> float:
-    """Largest |PyTorch - onnxruntime| output difference on ``images`` (B, C, H, W)."""
-    with torch.no_grad():
-        expected = network(images).numpy()
-    return float(np.abs(model(images) - expected).max())
-
-
-class _BatchReader:
-    """onnxruntime's CalibrationDataReader protocol over a list of (B, C, H, W) float32 batches."""
-
-    def __init__(self, batches: Iterable[np.ndarray]) -> None:
-        self.batches = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self.batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
-
-
-def quantize_int8(fp32_path: str | Path, output: str | Path, calibration: Iterable[np.ndarray] | None) -> str:
-    """INT8 copy of an exported fp32 model: static QDQ (per-channel 7-bit weights, uint8 activations, min/max
-    ranges seen on ``calibration`` batches) or, with no calibration batches, dynamic (int8 MatMul weights,
-    activation ranges measured per batch at run time). Returns which one."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory() as tmp:
-        # Shape inference and graph fusions first, as onnxruntime recommends before quantizing.
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
-        if calibration is None:
-            quantize_dynamic(prepared, output, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
-            return "dynamic"
-        quantize_static(
-            prepared,
-            output,
-            _BatchReader(calibration),
-            quant_format=QuantFormat.QDQ,
-            # onnxruntime's CPU kernels run these in int8; a LayerNorm or Softmax between QDQ pairs would run
-            # in fp32 anyway, paying only the extra rounding.
-            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-            per_channel=True,
-            # 7-bit weights: on CPUs without VNNI the u8 x s8 kernels sum pairs of products in int16, which
-            # 8-bit weights can saturate (onnxruntime's quantization docs).
-            reduce_range=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-        return "static"
-
-
 def calibration_batches(
-    datamodule: LightningDataModule, count: int, input_shape: tuple[int, int, int], batch_size: int = 32
+    datamodule: LightningDataModule, count: int, image_size: tuple[int, int] | None, batch_size: int = 32
 ) -> list[np.ndarray]:
     """Up to ``count`` training images in (B, C, H, W) float32 batches of at most ``batch_size``, resized to
-    ``input_shape`` where the training crops differ from it."""
+    ``image_size`` (H, W) where given and the training crops differ from it."""
     datamodule.setup("fit")
     batches, seen = [], 0
     for batch in datamodule.train_dataloader():
         images = batch["image"][: count - seen].float()
-        if tuple(images.shape[-2:]) != tuple(input_shape[1:]):
-            images = F.interpolate(images, size=input_shape[1:], mode="bilinear", align_corners=False)
+        if image_size is not None and tuple(images.shape[-2:]) != tuple(image_size):
+            images = F.interpolate(images, size=tuple(image_size), mode="bilinear", align_corners=False)
         batches += [chunk.numpy() for chunk in images.split(batch_size)]
         seen += len(images)
         if seen >= count:
@@ -315,76 +198,128 @@ def calibration_batches(
     return batches
 
 
-def evaluation_batches(datamodule: LightningDataModule) -> Iterator[dict[str, Any]]:
-    """The data module's test split as ``{"image", "label"}`` batches."""
-    datamodule.setup("test")
-    yield from datamodule.test_dataloader()
+def output_and_runtime(output: str, runtime: str, fastest: Any) -> tuple[Path, str]:
+    """(the file to write, its runtime) from ``--output`` and ``--runtime``; ``fastest()`` -> the faster runtime,
+    called only when neither names one."""
+    path = Path(output)
+    suffix_runtime = SUFFIXES.get(path.suffix)
+    if path.suffix and suffix_runtime is None:
+        raise ConfigError(f"--output {output}: use a .onnx (onnxruntime) or .xml (OpenVINO) file, or no suffix")
+    if runtime == "auto":
+        runtime = suffix_runtime or fastest()
+    elif suffix_runtime not in (None, runtime):
+        wanted = next(suffix for suffix, name in SUFFIXES.items() if name == runtime)
+        raise ConfigError(f"--output {output} is a {suffix_runtime} file, not {runtime}'s: name it {path.stem}{wanted}")
+    if not path.suffix:
+        path = path.with_suffix(next(suffix for suffix, name in SUFFIXES.items() if name == runtime))
+    return path, runtime
 
 
-def top1_accuracy(model: OnnxModel, batches: Iterable[dict[str, Any]]) -> float:
-    """Top-1 accuracy (0..1) of an exported classifier over ``{"image", "label"}`` batches."""
-    correct = total = 0
-    for batch in batches:
-        labels = batch["label"]
-        correct += int((model(batch["image"]).argmax(axis=1) == labels.numpy()).sum())
-        total += len(labels)
-    if total == 0:
-        raise ValueError(f"no test images to evaluate {model.path} on")
-    return correct / total
+def test_metrics(task: LightningModule, datamodule: LightningDataModule, root: Path) -> dict[str, float]:
+    """The task's own test loop on the data module's test split (on the CPU): its logged ``test/*`` metrics."""
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+    )
+    (results,) = trainer.test(task, datamodule=datamodule, verbose=False)
+    return {name: float(value) for name, value in results.items()}
+
+
+def max_abs_difference(network: torch.nn.Module, exported: Any, inputs: torch.Tensor) -> float:
+    """Largest |PyTorch - exported| over every output of ``network(inputs)``; infinite where an output's shape
+    differs (a detector that found another number of objects)."""
+    with torch.no_grad():
+        expected = network(inputs)
+    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    outputs = exported(inputs.numpy())
+    if len(outputs) != len(expected) or any(o.shape != tuple(e.shape) for o, e in zip(outputs, expected)):
+        return float("inf")
+    return max((float(np.abs(o - e.float().numpy()).max()) for o, e in zip(outputs, expected) if o.size), default=0.0)
+
+
+def parity_inputs(channels: int, size: tuple[int, int], dynamic: bool, detection: bool) -> list[torch.Tensor]:
+    """Random inputs to compare the written file with PyTorch on: one image in [0, 1] for a detector, else a
+    batch of 2 normalised images at ``size`` and, for a graph of any size, at a second, larger size."""
+    generator = torch.Generator().manual_seed(0)
+    if detection:
+        return [torch.rand(channels, *size, generator=generator)]
+    sizes = [size, (size[0] + size[0] // 2, size[1] + size[1] // 4)] if dynamic else [size]
+    return [torch.randn(2, channels, *s, generator=generator) for s in sizes]
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """``python -m swinlab export ...``; returns what it printed (paths, parity, quantization, accuracies)."""
+    """``python -m swinlab export ...``; returns what it printed (paths, runtime, parity, metrics)."""
+    from swinlab.deploy.onnx_graph import export_onnx
+    from swinlab.deploy.runtime import ExportedModel, fastest_runtime, write_deployable
+
     config = parse_config(args)
     if config.calibration_images < 1:
         raise ConfigError(f"--calibration_images must be >= 1, got {config.calibration_images}")
+    if config.input_size is not None and (len(config.input_size) != 2 or min(config.input_size) < 1):
+        raise ConfigError(f"--input_size must be [H, W] with positive sides, got {config.input_size}")
     datamodule, data_missing = build_datamodule(config)
+    for wanted, needs in (
+        (config.evaluate, "--evaluate needs the config's test data"),
+        (config.precision == "int8", "--precision int8 is calibrated on the config's training images"),
+    ):
+        if wanted and datamodule is None:
+            raise ConfigError(f"{needs}: {data_missing}")
     task = build_task(config, config.ckpt_path, datamodule)
-    network = inference_network(task)
-    channels, *size = default_input_shape(network)
-    if config.input_size is not None:
-        if len(config.input_size) != 2 or min(config.input_size) < 1:
-            raise ConfigError(f"--input_size must be [H, W] with positive sides, got {config.input_size}")
-        size = list(config.input_size)
-    input_shape = (channels, *size)
-    if config.evaluate and not isinstance(task, ClassificationTask):
-        raise ConfigError("--evaluate reports top-1 accuracy, so it needs a ClassificationTask config")
-    if config.evaluate and datamodule is None:
-        raise ConfigError(f"--evaluate needs the config's test data: {data_missing}")
-
-    if config.quantize and config.int8_method == "static" and datamodule is None:
-        raise ConfigError(f"--int8_method static needs the config's training images for calibration: {data_missing}")
-
-    output = Path(config.output)
-    report: dict[str, Any] = {"output": str(output), "input_shape": input_shape}
+    network = task.export_network()
+    detection = isinstance(task, DetectionTask)
+    channels, *default_size = task.example_image_shape()
+    size = tuple(config.input_size or default_size)
+    report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        exported = Path(tmp) / "exported.onnx" if config.quantize or config.optimize else output
-        export_onnx(network, exported, input_shape)
-        fp32_path = exported
+        tmp = Path(tmp)
+        graph = tmp / "exported.onnx"
+        if detection:
+            from swinlab.deploy.detection import export_detector
+
+            export_detector(task, graph, size)
+        else:
+            export_onnx(network, graph, (channels, *size), dynamic_size=config.input_size is None)
+        report["dynamic_size"] = not detection and config.input_size is None
+        inputs = parity_inputs(channels, size, report["dynamic_size"], detection)
+
+        def fastest() -> str:
+            runtime, seconds = fastest_runtime(graph, inputs[0].numpy())
+            report["runtime_timings"] = seconds
+            timings = ", ".join(f"{name} {1000 * value:.1f} ms" for name, value in seconds.items())
+            print(f"--runtime auto: {runtime} is faster here on the fp32 graph ({timings})")
+            return runtime
+
+        output, runtime = output_and_runtime(config.output, config.runtime, fastest)
+        report.update(output=str(output), runtime=runtime, precision=config.precision)
         if config.optimize:
-            fp32_path = Path(tmp) / "optimized.onnx" if config.quantize else output
-            report["fused_operators"] = optimize_graph(exported, fp32_path)
+            if runtime != "onnxruntime":
+                raise ConfigError("--optimize is onnxruntime's graph optimizer: use it with an .onnx output")
+            report["fused_operators"] = optimize_graph(graph, tmp / "optimized.onnx")
+            graph = tmp / "optimized.onnx"
             print(f"onnxruntime transformer optimizer fused: {report['fused_operators'] or 'nothing'}")
-        fp32 = OnnxModel(fp32_path)
-        torch.manual_seed(0)
-        report["fp32_max_abs_diff"] = max(
-            max_abs_difference(network, fp32, torch.randn(batch, *input_shape)) for batch in (1, 2)
+        calibration = None
+        if config.precision == "int8":
+            calibration = calibration_batches(
+                datamodule, config.calibration_images, None if report["dynamic_size"] else size
+            )
+        write_deployable(graph, output, runtime, config.precision, calibration)
+        exported = ExportedModel(output, runtime=runtime)
+        report["max_abs_diff"] = max(max_abs_difference(network, exported, x) for x in inputs)
+        shapes = " and ".join("x".join(map(str, x.shape)) for x in inputs)
+        print(
+            f"{runtime} {config.precision} vs PyTorch on random {shapes}: max |difference| {report['max_abs_diff']:.2e}"
         )
-        print(f"onnxruntime fp32 vs PyTorch, 2 random inputs: max |difference| {report['fp32_max_abs_diff']:.2e}")
         if config.evaluate:
-            report["fp32_top1"] = top1_accuracy(fp32, evaluation_batches(datamodule))
-            print(f"fp32 ONNX test top-1: {100 * report['fp32_top1']:.2f}%")
-        if config.quantize:
-            calibration = None
-            if config.int8_method == "auto" and datamodule is None:
-                print(f"no calibration data ({data_missing}): dynamic INT8 quantization")
-            elif config.int8_method != "dynamic":
-                calibration = calibration_batches(datamodule, config.calibration_images, input_shape)
-            report["quantization"] = quantize_int8(fp32_path, output, calibration)
-            print(f"INT8 ({report['quantization']}) model written")
-            if config.evaluate:
-                report["int8_top1"] = top1_accuracy(OnnxModel(output), evaluation_batches(datamodule))
-                delta = 100 * (report["int8_top1"] - report["fp32_top1"])
-                print(f"INT8 ONNX test top-1: {100 * report['int8_top1']:.2f}% ({delta:+.2f} points vs fp32)")
-    print(f"wrote {output} (input: batch x {' x '.join(map(str, input_shape))})")
+            report["pytorch_metrics"] = test_metrics(task, datamodule, tmp)
+            task.use_exported(exported)
+            report["exported_metrics"] = test_metrics(task, datamodule, tmp)
+            for name, value in report["pytorch_metrics"].items():
+                exported_value = report["exported_metrics"][name]
+                print(f"{name}: PyTorch {value:.4f}  {runtime} {config.precision} {exported_value:.4f}")
+    print(f"wrote {output} ({runtime}, {config.precision})")
     return report

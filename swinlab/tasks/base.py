@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
+
+import numpy as np
 
 import torch
 from lightning.pytorch import LightningModule
@@ -22,6 +24,21 @@ def build_backbone(name: str, backbone_kwargs: dict[str, Any] | None, pretrained
     if pretrained:
         load_pretrained(model, pretrained)
     return model
+
+
+class ExportedNetwork(nn.Module):
+    """An exported model run by a CPU runtime (``swinlab.deploy.runtime.ExportedModel``: numpy arrays in, a list of
+    numpy arrays out) as a module: float tensors in, the output tensor (a tuple of them when several) out, on the
+    inputs' device."""
+
+    def __init__(self, model: Callable[..., list[np.ndarray]]) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outputs = self.model(*(x.detach().float().cpu().numpy() for x in inputs))
+        tensors = tuple(torch.from_numpy(output).to(inputs[0].device) for output in outputs)
+        return tensors[0] if len(tensors) == 1 else tensors
 
 
 def batch_size(batch: dict[str, Any]) -> int:
@@ -95,6 +112,8 @@ class SwinTask(LightningModule, ABC):
         #: (C, H, W) of the last training batch of fixed-size images (None before one, or with lists of images).
         self.train_image_shape: tuple[int, ...] | None = None
         self._macs_per_image: dict[tuple[int, ...], int] = {}
+        #: An exported model that validate, test and predict run in place of the network (``use_exported``).
+        self.exported_network: ExportedNetwork | None = None
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -115,6 +134,15 @@ class SwinTask(LightningModule, ABC):
         ``num_classes`` (0: no classifier head), then the ``pretrained`` weights if any."""
         kwargs = {**defaults, **(self.hparams.backbone_kwargs or {}), "num_classes": num_classes}
         return build_backbone(self.hparams.backbone, kwargs, self.hparams.pretrained)
+
+    @abstractmethod
+    def export_network(self) -> nn.Module:
+        """What ``export`` writes: an eval-mode module from this task's input to its output (each task says which)."""
+
+    def use_exported(self, model: Callable[..., list[np.ndarray]]) -> None:
+        """Run ``model`` (an exported copy of :meth:`export_network`, loaded by a CPU runtime) in validate, test and
+        predict instead of the PyTorch network: ``--model_file``."""
+        self.exported_network = ExportedNetwork(model)
 
     def configure_model(self) -> None:
         """Compile the backbone once (Lightning calls this hook at the start of every run)."""

@@ -105,8 +105,15 @@ class ClassificationTask(SwinTask):
 
     @property
     def eval_network(self) -> nn.Module:
-        """The weights that validation, test and predict use: the EMA when enabled."""
+        """What validation, test and predict run: an exported model when one is in use (``use_exported``), else
+        the EMA weights when enabled, else the trained ones."""
+        if self.exported_network is not None:
+            return self.exported_network
         return self.ema.module if self.ema is not None else self.backbone
+
+    def export_network(self) -> nn.Module:
+        """(B, C, H, W) images -> (B, num_classes) logits of the evaluation weights (the EMA when enabled)."""
+        return (self.ema.module if self.ema is not None else self.backbone).eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, num_classes) logits of the trained (not averaged) weights."""

@@ -180,6 +180,9 @@ class DetectionTask(SwinTask):
             out.append(item)
         return out
 
+    def export_network(self) -> nn.Module:
+        raise NotImplementedError("detection export: being built")
+
     @property
     def example_input_array(self) -> tuple[list[torch.Tensor]]:
         """``forward``'s one argument: a list of one (3, S, S) zero image, S the test size (the last ``min_size``)."""

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torchvision.utils import make_grid, save_image
 
 from swinlab.models.flops import count_macs
@@ -98,6 +99,10 @@ class MaskedImageModelingTask(SwinTask):
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, H, W) images, (B, H / patch, W / patch) mask (1 = masked) -> (loss, reconstruction)."""
         return self.model(images, mask)
+
+    def export_network(self) -> nn.Module:
+        """The encoder as a feature extractor: (B, C, H, W) images -> (B, num_features) pooled features."""
+        return self.model.encoder.eval()
 
     def parameter_groups(self) -> list[dict]:
         groups = super().parameter_groups()

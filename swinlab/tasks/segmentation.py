@@ -161,8 +161,15 @@ class SegmentationTask(SwinTask):
         self.test_metrics_ms_flip = SegmentationMetrics(self.num_classes, self.hparams.ignore_index)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> UperNet logits (B, num_classes, H, W)."""
+        """(B, 3, H, W) normalised images -> UperNet logits (B, num_classes, H, W), from the exported model when one
+        is in use (``use_exported``)."""
+        if self.exported_network is not None:
+            return self.exported_network(images)
         return _resize(self.decode_head(self.backbone.forward_features(images)), images.shape[-2:])
+
+    def export_network(self) -> nn.Module:
+        """The task itself: (B, 3, H, W) normalised images -> UperNet logits (B, num_classes, H, W)."""
+        return self.eval()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, masks = batch["image"], batch["mask"]
