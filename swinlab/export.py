@@ -37,6 +37,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from torch import nn
 
 from swinlab.cli import SwinLabCLI, build_cli
+from swinlab.deploy.runtime import quantize_int8
 from swinlab.models.checkpoint_file import CheckpointFileError, read_lightning_checkpoint
 from swinlab.tasks import ClassificationTask, DetectionTask, SegmentationTask
 from swinlab.validation import ConfigError, data_problems, validate_run_config
@@ -251,50 +252,6 @@ def max_abs_difference(network: nn.Module, model: OnnxModel, images: torch.Tenso
     with torch.no_grad():
         expected = network(images).numpy()
     return float(np.abs(model(images) - expected).max())
-
-
-class _BatchReader:
-    """onnxruntime's CalibrationDataReader protocol over a list of (B, C, H, W) float32 batches."""
-
-    def __init__(self, batches: Iterable[np.ndarray]) -> None:
-        self.batches = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self.batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
-
-
-def quantize_int8(fp32_path: str | Path, output: str | Path, calibration: Iterable[np.ndarray] | None) -> str:
-    """INT8 copy of an exported fp32 model: static QDQ (per-channel 7-bit weights, uint8 activations, min/max
-    ranges seen on ``calibration`` batches) or, with no calibration batches, dynamic (int8 MatMul weights,
-    activation ranges measured per batch at run time). Returns which one."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    with tempfile.TemporaryDirectory() as tmp:
-        # Shape inference and graph fusions first, as onnxruntime recommends before quantizing.
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
-        if calibration is None:
-            quantize_dynamic(prepared, output, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
-            return "dynamic"
-        quantize_static(
-            prepared,
-            output,
-            _BatchReader(calibration),
-            quant_format=QuantFormat.QDQ,
-            # onnxruntime's CPU kernels run these in int8; a LayerNorm or Softmax between QDQ pairs would run
-            # in fp32 anyway, paying only the extra rounding.
-            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-            per_channel=True,
-            # 7-bit weights: on CPUs without VNNI the u8 x s8 kernels sum pairs of products in int16, which
-            # 8-bit weights can saturate (onnxruntime's quantization docs).
-            reduce_range=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
-        return "static"
 
 
 def calibration_batches(
