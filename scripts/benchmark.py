@@ -24,6 +24,15 @@ bf16 autocast).
     python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 1 --clock thread \\
         --impls timm swinlab onnx-fp32 onnx-int8-dynamic onnx-opt-fp32 onnx-opt-int8 swinlab-bf16
 
+Deployed models (also CPU fp32 inference only): ``onnxruntime-fp32``, ``onnxruntime-int8`` (static QDQ),
+``openvino-fp32``, ``openvino-bf16``, ``openvino-int8`` (NNCF) are swinlab's own fp32 ONNX file of the same model
+written by ``swinlab.deploy.runtime.write_deployable`` for that runtime and precision and run by its
+``ExportedModel`` with as many threads as torch (INT8 calibrated on four random images: speed only). The CPU model
+and its ISA flags (avx2, avx512*, vnni, bf16, amx) are printed with the table:
+
+    python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 1 --repeats 10 \
+        --impls timm onnxruntime-fp32 onnxruntime-int8 openvino-fp32 openvino-bf16 openvino-int8
+
 ``swinlab-compiled`` is swinlab under ``torch.compile`` in any mode and on any device, whatever ``--compile`` says, so
 that the compiled model is timed in alternation with the eager peers; ``swinlab-compiled-fused`` also trains with
 ``AdamW(fused=True)``:
@@ -60,6 +69,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import NamedTuple, get_args
 
@@ -69,6 +79,7 @@ import torch
 import torchvision
 from torch import nn
 
+from swinlab.deploy.runtime import ExportedModel, write_deployable
 from swinlab.export import OnnxModel, export_onnx, optimize_graph, quantize_int8
 from swinlab.models import MaskGenerator, SimMIM, create_model
 from swinlab.models.kernels import AttentionKernel
@@ -83,7 +94,10 @@ ONNX_IMPLEMENTATIONS = (
     "onnx-opt-int8",
     "onnx-opt-int8-static",
 )
-FAST_PATHS = (*ONNX_IMPLEMENTATIONS, "swinlab-bf16")
+# swinlab's fp32 ONNX file written by ``swinlab.deploy.runtime.write_deployable`` for a runtime and precision, run by
+# ``ExportedModel``: "<runtime>-<precision>".
+DEPLOYED = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8")
+FAST_PATHS = (*ONNX_IMPLEMENTATIONS, *DEPLOYED, "swinlab-bf16")
 # swinlab under torch.compile whatever --compile says, so that it is timed in alternation with the eager peers (what
 # `compile: true` in a task gives); "-fused" also steps AdamW(fused=True) instead of the default foreach AdamW.
 COMPILED_SWINLAB = ("swinlab-compiled", "swinlab-compiled-fused")
@@ -167,6 +181,19 @@ def onnx_model_path(impl: str, size: str, num_classes: int, image_size: int) -> 
     return str(path)
 
 
+@lru_cache
+def deployed_model_path(impl: str, size: str, num_classes: int, image_size: int) -> str:
+    """swinlab's fp32 ONNX file written for ``impl`` ("<runtime>-<precision>"), once per process; INT8 is calibrated
+    on four random images, which sets its speed, not a usable accuracy."""
+    runtime, precision = impl.split("-")
+    fp32 = Path(onnx_model_path("onnx-fp32", size, num_classes, image_size))
+    output = fp32.with_name(f"{fp32.stem}_{impl}{'.onnx' if runtime == 'onnxruntime' else '.xml'}")
+    rng = np.random.default_rng(0)
+    calibration = [rng.standard_normal((1, 3, image_size, image_size), np.float32) for _ in range(4)]
+    write_deployable(fp32, output, runtime, precision, calibration if precision == "int8" else None)
+    return str(output)
+
+
 def make_fast_path_step(
     impl: str, size: str, num_classes: int, images: torch.Tensor, swinlab_attention: str
 ) -> Callable[[], None]:
@@ -175,8 +202,12 @@ def make_fast_path_step(
         torch.manual_seed(0)
         model = build_model("swinlab", size, num_classes, images.shape[-1], swinlab_attention)
         return make_step(model, "infer", images, images.new_zeros(0, dtype=torch.long), torch.bfloat16)
-    session = OnnxModel(onnx_model_path(impl, size, num_classes, images.shape[-1]), threads=torch.get_num_threads())
     array = images.numpy()
+    if impl in DEPLOYED:
+        path = deployed_model_path(impl, size, num_classes, images.shape[-1])
+        deployed = ExportedModel(path, threads=torch.get_num_threads())
+        return lambda: deployed(array)
+    session = OnnxModel(onnx_model_path(impl, size, num_classes, images.shape[-1]), threads=torch.get_num_threads())
     return lambda: session(array)
 
 
@@ -428,6 +459,20 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} logical cores"
 
 
+# The instruction sets the CPU kernels choose between: vector width, int8 dot products, bf16, AMX tiles.
+ISA_FLAG_PREFIXES = ("avx2", "avx512", "avx_vnni", "amx")
+
+
+def cpu_isa_flags() -> list[str]:
+    """The CPU's vector/matrix ISA flags from /proc/cpuinfo (avx2, avx512*, vnni, bf16, amx*); [] where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(flag for flag in flags if flag.startswith(ISA_FLAG_PREFIXES) or "vnni" in flag or "bf16" in flag)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", choices=tuple(MODELS), default=["t"], help="Swin-T/S/B")
@@ -529,13 +574,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
                                 flush=True,
                             )
                         results.extend(rows)
+    isa = cpu_isa_flags()
+    print(f"device: {device_name(device)}; CPU ISA: {' '.join(isa) or 'unknown'}")
     print(format_table(results))
     meta = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "device": device_name(device),
+        "cpu_isa_flags": isa,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "torchvision": torchvision.__version__,
+        **{name: version(name) for name in ("onnxruntime", "openvino", "nncf")},
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "tf32": device.type == "cuda" and not args.no_tf32,

@@ -72,6 +72,8 @@ def test_cpu_fast_paths_are_timed_against_timm(tmp_path: Path, capsys, restore_t
     out = tmp_path / "bench.json"
     fast_paths = ["onnx-fp32", "onnx-int8-static", "onnx-int8-dynamic", "onnx-opt-fp32", "onnx-opt-int8"]
     fast_paths += ["onnx-opt-int8-static", "swinlab-bf16"]
+    # swinlab's ONNX file deployed by swinlab.deploy.runtime (sharing the export above).
+    fast_paths += ["onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8"]
     args = ["--sizes", "t", "--batch-sizes", "2", "--modes", "infer", "train", "--warmup", "0", "--repeats", "1"]
     args += ["--image-size", "64", "--num-classes", "10", "--threads", "1", "--no-memory", "--json", str(out)]
     load_script("benchmark").main([*args, "--clock", "thread", "--impls", "timm", *fast_paths])
@@ -83,6 +85,10 @@ def test_cpu_fast_paths_are_timed_against_timm(tmp_path: Path, capsys, restore_t
     assert all(row["images_per_s"] > 0 for row in rows.values())
     output = capsys.readouterr().out
     assert f"skipped {fast_paths}" in output
+    # The CPU and its ISA flags come with the table, as in the JSON.
+    isa = report["meta"]["cpu_isa_flags"]
+    assert f"device: {report['meta']['device']}; CPU ISA: {' '.join(isa) or 'unknown'}" in output
+    assert all(flag.startswith(("avx", "amx")) or "vnni" in flag or "bf16" in flag for flag in isa)
     table = output[output.index("vs timm") :]
     table_rows = [line.split() for line in table.splitlines() if line.startswith("swin_t") and "infer" in line]
     ratios = {row[1]: float(row[-1].rstrip("x")) for row in table_rows if row[1] in fast_paths}
