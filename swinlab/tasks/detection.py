@@ -14,6 +14,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from swinlab.data.bad_samples import READ_ERROR_KEY
+from swinlab.deploy.detection import DetectorGraph
 from swinlab.models.detectors import Framework, build_detector
 from swinlab.models.fpn import SwinFPN
 from swinlab.plots import DetectionPictures
@@ -179,6 +180,12 @@ class DetectionTask(SwinTask):
                 item["masks"] = det["masks"][:, 0] > MASK_THRESHOLD
             out.append(item)
         return out
+
+    def export_network(self) -> nn.Module:
+        """What is exported (``swinlab.deploy.detection.export_detector``): the detector on one (3, H, W) image,
+        giving its evaluation output as a tuple (``DetectorGraph``); its runtime stand-in for ``self.detector`` is
+        ``swinlab.deploy.detection.ExportedDetector``."""
+        return DetectorGraph(self.detector, masks=self.has_masks)
 
     @property
     def example_input_array(self) -> tuple[list[torch.Tensor]]:
