@@ -6,7 +6,9 @@
 the input image, masks pasted into it). ``export_detector`` writes it with torch's TorchScript-based ONNX exporter
 (``dynamo=False``): it is the exporter torchvision tests its detectors with (its ``test/test_onnx.py``), and
 ``torch.export`` (``dynamo=True``) stops at the data-dependent sizes of proposal filtering and NMS
-(pytorch/vision#9306; with torch 2.14: ``GuardOnDataDependentSymNode`` in ``batched_nms``).
+(pytorch/vision#9306; with torch 2.14: ``GuardOnDataDependentSymNode`` in ``batched_nms``). During the export
+``aten::floor_divide`` gets a flooring symbolic (``_floor_divide``): the exporter's own truncates, which broke Swin's
+padded windows (maps that are no multiple of the window, e.g. 200 x 272 tokens at 800 x 1088).
 
 Sizes served: the tracer records the Swin window layout, computed in Python from the feature-map sizes, as
 constants, so a graph serves exactly the (H, W) it was exported for; ``ExportedDetector`` refuses any other size
@@ -23,7 +25,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +42,16 @@ OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
 OPSET = 17
 
 Runner = Callable[[np.ndarray], Sequence[np.ndarray]]
+FLOAT_TYPES = ("Float", "Double", "Half", "BFloat16")
+
+
+def _floor_divide(g: Any, self: Any, other: Any) -> Any:
+    """``aten::floor_divide`` as ONNX ops that floor, as torch does. The TorchScript exporter's own symbolic
+    truncates (torch < 1.13 semantics), which turns Swin's padded window grid ``-(-H // window) * window`` of a
+    traced H into the unpadded one: wrong windows wherever a map is no multiple of the window."""
+    if any(getattr(value.type(), "scalarType", lambda: None)() in FLOAT_TYPES for value in (self, other)):
+        return g.op("Floor", g.op("Div", self, other))
+    return g.op("Div", g.op("Sub", self, g.op("Mod", self, other)), other)  # ONNX Mod takes the divisor's sign
 
 
 class DetectorGraph(nn.Module):
@@ -72,6 +84,7 @@ def export_detector(task: DetectionTask, path: str | Path, image_size: tuple[int
     was_training = network.training
     network.eval()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.register_custom_op_symbolic("aten::floor_divide", _floor_divide, OPSET)
     try:
         with warnings.catch_warnings():
             # The tracer warns at every Python-side shape computation (window layout, anchor grids, RoI counts),
@@ -87,6 +100,7 @@ def export_detector(task: DetectionTask, path: str | Path, image_size: tuple[int
                 output_names=list(network.output_names),
             )
     finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::floor_divide", OPSET)
         network.train(was_training)
 
 
