@@ -153,11 +153,15 @@ class ExportedModel:
         if self.precision == "bf16":
             raise ConfigError("onnxruntime's CPU provider has no bf16 kernels: use --runtime openvino")
         options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: a traced detector's mask loop warns on every run
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_shapes = [
+            tuple(d if isinstance(d, int) else None for d in i.shape) for i in self.session.get_inputs()
+        ]
         self._run = lambda feeds: self.session.run(None, feeds)
 
     def _load_openvino(self, precision: Precision | None, threads: int | None) -> None:
@@ -176,15 +180,27 @@ class ExportedModel:
             config["INFERENCE_NUM_THREADS"] = threads
         self.session = core.compile_model(model, "CPU", config)
         self.input_names = [port.get_any_name() for port in self.session.inputs]
+        self.input_shapes = [
+            tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            for port in self.session.inputs
+        ]
         request = self.session.create_infer_request()
         # share_outputs False (the default): each call returns its own arrays, not views of the request's buffers.
         self._run = lambda feeds: list(request.infer(feeds).to_tuple())
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        """``inputs`` in the file's input order (``input_names``), e.g. images (B, C, H, W), float32 -> the outputs
+        """``inputs`` in the file's input order (``input_names``; ``input_shapes`` gives each one's dimensions, None
+        where any size goes), e.g. images (B, C, H, W), float32 -> the outputs
         in the file's output order (a classifier: [(B, num_classes) logits])."""
         if len(inputs) != len(self.input_names):
             raise ValueError(f"{self.path} takes {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
+        for name, shape, x in zip(self.input_names, self.input_shapes, inputs):
+            if len(shape) != x.ndim or any(d is not None and d != n for d, n in zip(shape, x.shape)):
+                wanted = ", ".join("any" if d is None else str(d) for d in shape)
+                raise ValueError(
+                    f"{self.path} takes {name} of shape ({wanted}), got {tuple(x.shape)}: resize the input, or export "
+                    "again for this size (--input_size H W) or for any size (no --input_size)"
+                )
         feeds = {name: np.ascontiguousarray(x, dtype=np.float32) for name, x in zip(self.input_names, inputs)}
         return [np.asarray(output) for output in self._run(feeds)]
 

@@ -114,7 +114,9 @@ class CascadeRoIHeads(nn.Module):
     def _decode(self, stage: RoIHeads, deltas: Tensor, boxes: list[Tensor], labels: Tensor) -> Tensor:
         """Decoded boxes (N, 4): the class ``labels`` (N,) column of per-class deltas, or the class-agnostic one."""
         if not self.class_agnostic:
-            deltas = deltas.view(len(labels), -1, 4)[torch.arange(len(labels), device=labels.device), labels]
+            # shape[0], not len(): the ONNX tracer records a size but bakes len() in as a constant.
+            count = labels.shape[0]
+            deltas = deltas.view(count, -1, 4)[torch.arange(count, device=labels.device), labels]
         return stage.box_coder.decode_single(deltas, torch.cat(boxes))
 
     def _refine(
@@ -131,7 +133,7 @@ class CascadeRoIHeads(nn.Module):
         object class, as mmdetection's ``refine_bboxes`` / ``regress_by_class`` do."""
         predicted = logits[:, 1:].argmax(dim=1) + 1
         labels = predicted if labels is None else torch.where(labels > 0, labels, predicted)
-        refined = self._decode(stage, deltas, boxes, labels).detach().split([len(b) for b in boxes])
+        refined = self._decode(stage, deltas, boxes, labels).detach().split([b.shape[0] for b in boxes])
         return [box_ops.clip_boxes_to_image(b, shape) for b, shape in zip(refined, image_shapes)]
 
     def _mask_logits(

@@ -113,7 +113,7 @@ class SwinTask(LightningModule, ABC):
         self.train_image_shape: tuple[int, ...] | None = None
         self._macs_per_image: dict[tuple[int, ...], int] = {}
         #: An exported model that validate, test and predict run in place of the network (``use_exported``).
-        self.exported_network: ExportedNetwork | None = None
+        self.exported_network: nn.Module | None = None
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()

@@ -14,6 +14,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from swinlab.data.bad_samples import READ_ERROR_KEY
+from swinlab.deploy.detection import DetectorGraph, ExportedDetector
 from swinlab.models.detectors import Framework, build_detector
 from swinlab.models.fpn import SwinFPN
 from swinlab.plots import DetectionPictures
@@ -171,7 +172,7 @@ class DetectionTask(SwinTask):
         """Images: list of (3, H, W) floats in [0, 1], any sizes. Returns one dict per image with ``boxes``
         (N, 4) xyxy in input pixels, ``scores`` (N,), ``labels`` (N,) in ``0 .. num_classes - 1`` and, with masks,
         ``masks`` (N, H, W) bool."""
-        detections = self.detector(images)
+        detections = (self.detector if self.exported_network is None else self.exported_network)(images)
         out = []
         for det in detections:
             item = {"boxes": det["boxes"], "scores": det["scores"], "labels": det["labels"] - 1}
@@ -181,7 +182,16 @@ class DetectionTask(SwinTask):
         return out
 
     def export_network(self) -> nn.Module:
-        raise NotImplementedError("detection export: being built")
+        """What is exported (``swinlab.deploy.detection.export_detector``): the detector on one (3, H, W) image,
+        giving its evaluation output as a tuple (``DetectorGraph``); its runtime stand-in for ``self.detector`` is
+        ``swinlab.deploy.detection.ExportedDetector``."""
+        return DetectorGraph(self.detector, masks=self.has_masks)
+
+    def use_exported(self, model: Any) -> None:
+        """Run ``model`` (an exported ``export_network``, ``swinlab.deploy.runtime.ExportedModel``) in place of the
+        detector in validate, test and predict; it serves the one image size it was exported for."""
+        _, height, width = model.input_shapes[0]
+        self.exported_network = ExportedDetector(model, (height, width), str(model.path))
 
     @property
     def example_input_array(self) -> tuple[list[torch.Tensor]]:
