@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from swinlab.export import main
-from tests.test_configs import CONFIGS, IDS, SHIPPED
+from tests.test_configs import IDS, SHIPPED
 
 # The recipes' data folders are relative to the working folder; the test runs in an empty one, so no recipe finds
 # data and num_classes comes from the recipe itself, or from here.
