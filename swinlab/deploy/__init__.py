@@ -1,0 +1,1 @@
+"""Deployment: ONNX graphs, CPU runtimes (onnxruntime, OpenVINO) and detection export."""
