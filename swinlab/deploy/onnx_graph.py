@@ -84,9 +84,20 @@ def export_onnx(
         program, f=None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamo=True, verbose=False
     )
     model = onnx_program.model_proto
+    _name_dims(model, ("batch", None, "height", "width"))
     key, value = (MIN_SIZE_KEY, min_dynamic_size(network)) if dynamic_size else (INPUT_SIZE_KEY, (height, width))
     onnx.helper.set_model_props(model, {key: f"{value[0]},{value[1]}"})
     onnx.save(model, str(path))
+
+
+def _name_dims(model: onnx.ModelProto, names: tuple[str | None, ...]) -> None:
+    """Rename the input's symbolic dimensions (torch.export's ``s0``, ``s77``, ...) to ``names`` everywhere."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    rename = {dim.dim_param: name for dim, name in zip(dims, names) if dim.dim_param and name}
+    for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
 
 
 def served_size(path: str | Path) -> dict[str, tuple[int, int]]:

@@ -279,7 +279,7 @@ def symbolic_mask(
     padded = not (statically_known_true(ceil_to(H, M) == H) and statically_known_true(ceil_to(W, M) == W))
     if padding == "mask" and padded:
         keys = (pad_h[:, None, :, None] | pad_w[None, :, None, :]).reshape(nH * nW, 1, M * M)
-        masked = keys if masked is None else masked | keys
+        masked = keys.expand(nH * nW, M * M, M * M) if masked is None else masked | keys
     if masked is None:
         return None
     return torch.zeros(masked.shape, device=device).masked_fill(masked, MASK_VALUE)
