@@ -313,7 +313,7 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, window: int, layout: WindowLayout | SymbolicLayout) -> torch.Tensor:
         """``window`` and ``layout`` (padding, shift, mask) are this map's effective ones (see :class:`SwinStage`)."""
-        B, H, W, C = x.shape
+        B, H, W = x.shape[:3]
         post_norm = self.options.norm == "res_post"
         windows = layout.partition(x if post_norm else self.norm1(x), window)
         attended = layout.merge(self.attn(windows, window, layout.mask), B, H, W)

@@ -23,7 +23,8 @@ from swinlab.tasks import SegmentationTask
 from tests.helpers import TINY_SWIN, moved_off_init
 
 VERSIONS = {"v1": {}, "v2": SWIN_V2}
-# TINY_SWIN (patch 2, window 4, two stages): the last map is ceil(H / 4); 13 is the smallest size served.
+# TINY_SWIN with a shifted block per stage (patch 2, window 4): the last map is ceil(H / 4), 13 the smallest size.
+TINY_CLASSIFIER = {**TINY_SWIN, "depths": [2, 2]}
 CLASSIFIER_SIZES = [(1, 13, 13), (3, 16, 16), (2, 20, 28), (1, 28, 20), (1, 17, 31), (2, 32, 32)]
 # The segmenter's backbone: patch 4, window 4, two stages: the last map is ceil(H / 8), 25 the smallest size.
 SEGMENTER_BACKBONE = {"embed_dim": 16, "depths": [2, 2], "num_heads": [1, 2], "window_size": 4, "out_indices": [0, 1]}
@@ -33,7 +34,9 @@ SEGMENTER_SIZES = [(1, 25, 25), (2, 32, 32), (1, 32, 40), (1, 40, 32), (1, 64, 6
 def classifier(version: str, **kwargs) -> nn.Module:
     """A tiny 5-class Swin with weights off their init and logits of a few units (a trained model's scale)."""
     torch.manual_seed(0)
-    model = moved_off_init(create_model("swin_t", **{**TINY_SWIN, **VERSIONS[version], "num_classes": 5, **kwargs}))
+    model = moved_off_init(
+        create_model("swin_t", **{**TINY_CLASSIFIER, **VERSIONS[version], "num_classes": 5, **kwargs})
+    )
     with torch.no_grad():
         model.head.weight.mul_(30)
     return model.eval()
