@@ -89,7 +89,10 @@ class WindowAttentionKernel(nn.Module):
         BnW, heads, N = q.shape[:3]
         needs_grad = torch.is_grad_enabled() and any(w.requires_grad for w in bias_weights)
         compiling = torch.compiler.is_compiling()
-        if use_explicit_attention(self.attention, q.device.type, needs_grad, compiling):
+        # Exported graphs (ONNX) take the explicit path whatever ``attention`` says: SDPA's mask, repeated over the
+        # batch, would fix the batch size in the graph, and the runtimes fuse matmul + softmax themselves.
+        exporting = torch.compiler.is_exporting()
+        if exporting or use_explicit_attention(self.attention, q.device.type, needs_grad, compiling):
             attn_bias = self.bias_and_mask(bias(window), mask, q.dtype)
             attn = (q * (q.shape[-1] ** -0.5 if scale is None else scale)) @ k.transpose(-2, -1)
             if attn_bias is not None:

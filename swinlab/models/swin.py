@@ -37,10 +37,13 @@ from swinlab.models.kernels import AttentionKernel, WindowAttentionKernel
 from swinlab.models.registry import register_model
 from swinlab.models.windows import (
     Padding,
+    SymbolicLayout,
     WindowLayout,
     WindowLayouts,
     log_spaced_offsets,
+    pad_to_multiple,
     relative_position_index,
+    symbolic_layout,
 )
 
 logger = logging.getLogger(__name__)
@@ -174,11 +177,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(self.proj(pad_to_multiple(x, self.patch_size, (-2, -1))).permute(0, 2, 3, 1))
 
 
 def bias_indices(
@@ -312,16 +311,12 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * options.mlp_ratio), act_layer=nn.GELU, drop=options.drop_rate)
 
-    def forward(self, x: torch.Tensor, window: int, layout: WindowLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int, layout: WindowLayout | SymbolicLayout) -> torch.Tensor:
         """``window`` and ``layout`` (padding, shift, mask) are this map's effective ones (see :class:`SwinStage`)."""
-        B, H, W, C = x.shape
+        B, H, W = x.shape[:3]
         post_norm = self.options.norm == "res_post"
-        tokens = (x if post_norm else self.norm1(x)).view(B, H * W, C)
-        if layout.pads_with_zeros:  # padding slots read this appended zero token
-            tokens = F.pad(tokens, (0, 0, 0, 1))
-        windows = tokens.index_select(1, layout.gather).view(-1, window * window, C)
-        attended = self.attn(windows, window, layout.mask).view(B, -1, C).index_select(1, layout.scatter)
-        attended = attended.view(B, H, W, C)
+        windows = layout.partition(x if post_norm else self.norm1(x), window)
+        attended = layout.merge(self.attn(windows, window, layout.mask), B, H, W)
         x = x + self.drop_path(self.norm1(attended) if post_norm else attended)
         return x + self.drop_path(self.norm2(self.mlp(x)) if post_norm else self.mlp(self.norm2(x)))
 
@@ -341,10 +336,8 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        if H % 2 or W % 2:
-            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-            H, W = H + H % 2, W + W % 2
-        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        x = pad_to_multiple(x, 2, (-3, -2))
+        x = x.reshape(B, (H + 1) // 2, 2, (W + 1) // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.norm(self.reduction(x)) if self.merge_norm == "after" else self.reduction(self.norm(x))
 
 
@@ -389,12 +382,27 @@ class SwinStage(nn.Module):
             log_small_map(self.name, H, W, window_size, clip)
         return small_map_window(H, W, window_size, clip)
 
+    def symbolic_layouts(self, H: int, W: int, device: torch.device) -> tuple[SymbolicLayout, SymbolicLayout]:
+        """(plain, shifted) :class:`~swinlab.models.windows.SymbolicLayout` of an H x W map no smaller than the
+        window, possibly symbolic: what ``torch.export`` traces; the shift's small-map rule is decided in the graph."""
+        window, padding, clip = self.options.window_size, self.options.padding, self.options.clip_window_to_feature
+        plain = symbolic_layout(H, W, window, 0, clip, padding, device)
+        if not self.options.shift:
+            return plain, plain
+        return plain, symbolic_layout(H, W, window, window // 2, clip, padding, device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         H, W = x.shape[1:3]
-        window, shift = self.effective_window(H, W)
-        plain = self.layouts.get(H, W, window, 0, x.device)
-        shifted = self.layouts.get(H, W, window, shift, x.device) if shift else plain
+        if torch.compiler.is_exporting():
+            # Sizes are symbolic: no Python-built index tables, and the window never shrinks (export_onnx sets
+            # the smallest input size accordingly, swinlab.deploy.onnx_graph.min_dynamic_size).
+            window = self.options.window_size
+            plain, shifted = self.symbolic_layouts(H, W, x.device)
+        else:
+            window, shift = self.effective_window(H, W)
+            plain = self.layouts.get(H, W, window, 0, x.device)
+            shifted = self.layouts.get(H, W, window, shift, x.device) if shift else plain
         for block in self.blocks:
             layout = shifted if block.shifted else plain
             if self.grad_checkpointing and self.training:
@@ -573,7 +581,7 @@ class SwinTransformer(nn.Module):
         x = self.patch_embed(x)
         if self.absolute_pos_embed is not None:
             pos = self.absolute_pos_embed
-            if pos.shape[1:3] != x.shape[1:3]:
+            if torch.compiler.is_exporting() or pos.shape[1:3] != x.shape[1:3]:
                 pos = F.interpolate(pos.permute(0, 3, 1, 2), size=x.shape[1:3], mode="bicubic", align_corners=False)
                 pos = pos.permute(0, 2, 3, 1)
             x = x + pos

@@ -32,6 +32,22 @@ def resize_logits(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def pooling_matrix(size: int, bins: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(bins, size) weights of adaptive average pooling along one axis: bin i averages
+    [floor(i * size / bins), ceil((i + 1) * size / bins)), as ``nn.AdaptiveAvgPool2d``; from aranges, so that
+    ``size`` may be symbolic."""
+    i, j = torch.arange(bins, device=device)[:, None], torch.arange(size, device=device)[None, :]
+    inside = (j >= i * size // bins) & (j < ((i + 1) * size + bins - 1) // bins)
+    return inside.to(dtype) / inside.sum(1, keepdim=True).to(dtype)
+
+
+def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, bins, bins), ``F.adaptive_avg_pool2d`` as two matmuls: torch.onnx exports the
+    adaptive pool with the example's bin edges fixed, this for any H and W."""
+    H, W = x.shape[-2:]
+    return pooling_matrix(H, bins, x.device, x.dtype) @ x @ pooling_matrix(W, bins, x.device, x.dtype).T
+
+
 class PyramidPoolingModule(nn.Module):
     """PSPNet pooling: average-pool to each ``scale x scale`` grid, 1x1 conv, upsample back and concatenate."""
 
@@ -44,7 +60,11 @@ class PyramidPoolingModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_in + len(pool_scales) * channels, H, W)."""
         size = x.shape[-2:]
-        return torch.cat([x] + [resize_logits(stage(x), size) for stage in self.stages], dim=1)
+        if torch.compiler.is_exporting():
+            pooled = [conv(adaptive_avg_pool(x, pool.output_size)) for pool, conv in self.stages]
+        else:
+            pooled = [stage(x) for stage in self.stages]
+        return torch.cat([x] + [resize_logits(p, size) for p in pooled], dim=1)
 
 
 class UperNetHead(nn.Module):

@@ -3,16 +3,22 @@
 :class:`~swinlab.models.swin.SwinStage` asks :class:`WindowLayouts` for the layout of its map; the blocks only
 gather, attend and scatter. Layouts depend on (map size, window, shift) and the model's ``padding`` alone: those of
 the model's ``img_size`` are buffers built at construction, any other size's are built in the forward pass.
+
+Under ``torch.export`` (ONNX) the map size is symbolic, so index tables cannot be built in Python:
+:class:`SymbolicLayout` cuts the windows with pad / roll / reshape / transpose and builds the SW-MSA mask from
+tensor positions, computing the same function as :class:`WindowLayout`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # The official code fills masked attention logits with -100, not -inf: a row that is masked everywhere
 # (possible in a window of padding) then stays finite instead of turning into NaN.
@@ -22,8 +28,9 @@ MASK_VALUE = -100.0
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) with H, W multiples of ``window`` -> (B * nW, window * window, C)."""
     B, H, W, C = x.shape
-    x = x.view(B, H // window, window, W // window, window, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+    x = x.view(B, H // window, window, W // window, window, C).permute(0, 1, 3, 2, 4, 5)
+    # An explicit copy: reshape's choice between a view and a copy would test symbolic sizes (torch.export).
+    return x.clone(memory_format=torch.contiguous_format).view(-1, window * window, C)
 
 
 def relative_offsets(window: int) -> torch.Tensor:
@@ -59,6 +66,19 @@ class WindowLayout(NamedTuple):
     scatter: torch.Tensor
     mask: torch.Tensor | None
     pads_with_zeros: bool = False
+
+    def partition(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """(B, H, W, C) map -> (B * nW, window^2, C) windows."""
+        B, H, W, C = x.shape
+        tokens = x.reshape(B, H * W, C)
+        if self.pads_with_zeros:  # padding slots read this appended zero token
+            tokens = F.pad(tokens, (0, 0, 0, 1))
+        return tokens.index_select(1, self.gather).view(-1, window * window, C)
+
+    def merge(self, windows: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
+        """(B * nW, window^2, C) windows -> (B, H, W, C) map (padding dropped, shift undone)."""
+        C = windows.shape[-1]
+        return windows.view(B, -1, C).index_select(1, self.scatter).view(B, H, W, C)
 
 
 def window_layout(
@@ -143,6 +163,134 @@ class WindowLayouts(nn.Module):
             tensors = (getattr(self, f"{kind}_{field}") for field in ("gather", "scatter", "mask"))
             return WindowLayout(*tensors, self.prebuilt_pads_with_zeros[kind])
         return window_layout(H, W, window, shift, device, self.padding)
+
+
+def ceil_to(size: int, multiple: int) -> int:
+    """``size`` rounded up to a multiple of ``multiple``; a plain formula, so it also holds for symbolic sizes."""
+    return (size + multiple - 1) // multiple * multiple
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, dims: Sequence[int]) -> torch.Tensor:
+    """``x`` zero-padded at the end of each of ``dims`` to a multiple of
+    ``multiple``. Eager skips the copy where nothing is padded; under ``torch.export`` the pad is always emitted
+    (a no-op for multiples), since a Python test of a symbolic size would fix it in the graph."""
+    dims = [dim - x.ndim if dim >= 0 else dim for dim in dims]
+    pad = [0] * (2 * -min(dims))
+    for dim in dims:
+        size = x.shape[dim]
+        pad[2 * (-dim - 1) + 1] = ceil_to(size, multiple) - size
+    if not torch.compiler.is_exporting() and not any(pad):
+        return x
+    return F.pad(x, pad)
+
+
+def _roll(x: torch.Tensor, shift: int, active: bool | torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) rolled by ``shift`` on H and W where ``active`` (a bool, or a 0-dim bool tensor)."""
+    if not shift or active is False:
+        return x
+    rolled = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
+    return rolled if active is True else torch.where(active, rolled, x)
+
+
+def _crop(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The top-left H x W of a (B, Hp, Wp, C) map. By index_select, not slicing: torch.export cannot prove
+    H <= Hp for symbolic sizes, which a slice's bounds check would need."""
+    if not torch.compiler.is_exporting():
+        return x[:, :H, :W]
+    return x.index_select(1, torch.arange(H, device=x.device)).index_select(2, torch.arange(W, device=x.device))
+
+
+def shift_is_active(H: int, W: int, window: int, clip: bool, device: torch.device | None = None) -> bool | torch.Tensor:
+    """Whether the shifted blocks of an H x W map shift (the small-map rule of ``small_map_window``, for maps no
+    smaller than the window): a bool where the sizes decide it, else a 0-dim bool tensor computed in the graph,
+    so that one exported graph shifts on larger maps and not on a map exactly one window wide."""
+    if not clip:
+        return True
+    larger = torch.sym_min(H, W) > window
+    if statically_known_true(larger):
+        return True
+    if statically_known_true(torch.sym_not(larger)):
+        return False
+    # Lengths of aranges carry the symbolic sizes into tensors without a guard on them.
+    return (torch.arange(H, device=device) >= window).any() & (torch.arange(W, device=device) >= window).any()
+
+
+class SymbolicLayout(NamedTuple):
+    """The windows of a map cut by tensor operations on its size, which may be symbolic (``torch.export``): the
+    same function as :class:`WindowLayout` with pad, roll and reshape/transpose instead of index tables.
+
+    ``shift`` is the cyclic shift of a shifted block (0: W-MSA), applied where ``active`` (bool or 0-dim bool
+    tensor, :func:`shift_is_active`); ``mask`` (nW, N, N) additive or None, from :func:`symbolic_mask`.
+    """
+
+    window: int
+    shift: int
+    active: bool | torch.Tensor
+    padding: Padding
+    mask: torch.Tensor | None
+
+    def partition(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """(B, H, W, C) map -> (B * nW, window^2, C) windows (``window`` is ``self.window``)."""
+        if self.padding == "timm":  # shift the unpadded map, then pad
+            x = pad_to_multiple(_roll(x, -self.shift, self.active), window, (1, 2))
+        else:
+            x = _roll(pad_to_multiple(x, window, (1, 2)), -self.shift, self.active)
+        return window_partition(x, window)
+
+    def merge(self, windows: torch.Tensor, B: int, H: int, W: int) -> torch.Tensor:
+        """(B * nW, window^2, C) windows -> (B, H, W, C) map (padding dropped, shift undone)."""
+        M, C = self.window, windows.shape[-1]
+        nH, nW = (H + M - 1) // M, (W + M - 1) // M
+        x = windows.view(B, nH, nW, M, M, C).permute(0, 1, 3, 2, 4, 5)
+        # An explicit copy, as in window_partition.
+        x = x.clone(memory_format=torch.contiguous_format).view(B, nH * M, nW * M, C)
+        if self.padding == "timm":
+            return _roll(_crop(x, H, W), self.shift, self.active)
+        return _crop(_roll(x, self.shift, self.active), H, W)
+
+
+def symbolic_mask(
+    H: int, W: int, window: int, shift: int, active: bool | torch.Tensor, padding: Padding, device: torch.device
+) -> torch.Tensor | None:
+    """The additive (nW, N, N) mask of :func:`window_layout`, from the positions of the window slots on the padded
+    grid (arithmetic on aranges, no map is partitioned): region ids per axis ``(pos >= Hp - window) + (pos >= Hp -
+    shift)`` (the official slices), all equal where the shift is not ``active``; with ``padding="mask"`` also the
+    keys that are padding. None where nothing can be masked."""
+    M = window
+    shifted = bool(shift) and active is not False
+
+    def axis(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(region id, is padding) of each slot, (windows along the axis, M), on an axis of ``size`` tokens."""
+        padded = ceil_to(size, M)
+        pos = torch.arange((size + M - 1) // M, device=device)[:, None] * M + torch.arange(M, device=device)
+        if not shifted:
+            return pos * 0, pos >= size
+        region = (pos >= padded - M).long() + (pos >= padded - shift).long()
+        if active is not True:  # one region, and no roll, where the shift is off
+            region = region * active
+        return region, (pos + shift * active) % padded >= size
+
+    (region_h, pad_h), (region_w, pad_w) = axis(H), axis(W)
+    nH, nW = region_h.shape[0], region_w.shape[0]
+    masked = None
+    if shifted:
+        regions = (region_h[:, None, :, None] * 3 + region_w[None, :, None, :]).reshape(nH * nW, M * M)
+        masked = regions[:, :, None] != regions[:, None, :]
+    padded = not (statically_known_true(ceil_to(H, M) == H) and statically_known_true(ceil_to(W, M) == W))
+    if padding == "mask" and padded:
+        keys = (pad_h[:, None, :, None] | pad_w[None, :, None, :]).reshape(nH * nW, 1, M * M)
+        masked = keys.expand(nH * nW, M * M, M * M) if masked is None else masked | keys
+    if masked is None:
+        return None
+    return torch.zeros(masked.shape, device=device).masked_fill(masked, MASK_VALUE)
+
+
+def symbolic_layout(
+    H: int, W: int, window: int, shift: int, clip: bool, padding: Padding, device: torch.device | None = None
+) -> SymbolicLayout:
+    """The :class:`SymbolicLayout` of an H x W map (no smaller than ``window``) for blocks shifted by ``shift``."""
+    active = shift_is_active(H, W, window, clip, device) if shift else False
+    return SymbolicLayout(window, shift, active, padding, symbolic_mask(H, W, window, shift, active, padding, device))
 
 
 def log_spaced_offsets(window: int, pretrained_window: int = 0) -> torch.Tensor:
