@@ -268,7 +268,8 @@ def symbolic_mask(
         region = (pos >= padded - M).long() + (pos >= padded - shift).long()
         if active is not True:  # one region, and no roll, where the shift is off
             region = region * active
-        return region, (pos + shift * active) % padded >= size
+        rolled = pos + shift * active  # < 2 * padded: wrap by a subtraction (ONNX has no remainder by a symbol)
+        return region, rolled - (rolled >= padded).long() * padded >= size
 
     (region_h, pad_h), (region_w, pad_w) = axis(H), axis(W)
     nH, nW = region_h.shape[0], region_w.shape[0]
