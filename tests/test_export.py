@@ -1,4 +1,4 @@
-"""``python -m swinlab export``: ONNX parity with PyTorch, INT8 (static and dynamic), errors, at tiny sizes."""
+"""``python -m swinlab export``: parity with PyTorch in both runtimes, any image size, INT8, --evaluate, errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from swinlab.__main__ import run as command_line
 from swinlab.data import FashionMNISTDataModule
 from swinlab.data.transforms import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from swinlab.export import OnnxModel, build_task, inference_network, main, parse_config
+from swinlab.deploy.runtime import ExportedModel
+from swinlab.export import build_task, main, parse_config
 from swinlab.tasks import ClassificationTask, SegmentationTask
 from swinlab.validation import ConfigError
 from tests.helpers import REPO
@@ -57,108 +58,133 @@ def op_types(path: Path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path)).graph.node}
 
 
-def test_fp32_export_matches_pytorch_and_its_test_top1(tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path):
-    task, ckpt = classifier_checkpoint
-    output = tmp_path / "model.onnx"
-    report = main(
-        classification_args(tiny_swin, fashion_mnist_dir, f"--ckpt_path={ckpt}", f"--output={output}", "--evaluate")
-    )
-    model = OnnxModel(output)
-    torch.manual_seed(0)
-    for batch in (1, 3):  # the batch dimension is dynamic
-        images = torch.randn(batch, 1, 32, 32)
-        with torch.no_grad():
-            expected = task.backbone(images).numpy()
-        np.testing.assert_allclose(model(images), expected, atol=1e-4, rtol=0)
-    assert report["fp32_max_abs_diff"] < 1e-4
-
-    # --evaluate: the test split's top-1 as PyTorch computes it with the checkpoint's weights.
-    data = FashionMNISTDataModule(data_dir=str(fashion_mnist_dir), batch_size=8)
+def pytorch_test_top1(network: torch.nn.Module, data_dir: Path) -> float:
+    """The test split's top-1 of ``network`` as plain PyTorch computes it."""
+    data = FashionMNISTDataModule(data_dir=str(data_dir), batch_size=8)
     data.setup("test")
     correct = total = 0
     with torch.no_grad():
         for batch in data.test_dataloader():
-            labels = batch["label"]
-            correct += int((task.backbone(batch["image"]).argmax(dim=1) == labels).sum())
-            total += len(labels)
-    assert total == 20 and report["fp32_top1"] == pytest.approx(correct / total)
+            correct += int((network(batch["image"]).argmax(dim=1) == batch["label"]).sum())
+            total += len(batch["label"])
+    assert total == 20
+    return correct / total
 
-    with pytest.raises(ValueError, match=r"exported for images of shape \(batch, 1, 32, 32\).*--input_size"):
-        model(np.zeros((1, 1, 64, 64), dtype=np.float32))
+
+@pytest.mark.parametrize("suffix", [".onnx", ".xml"])
+def test_one_file_of_any_size_matches_pytorch_and_its_test_top1(
+    suffix, tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path
+):
+    task, ckpt = classifier_checkpoint
+    output = tmp_path / f"model{suffix}"
+    report = main(
+        classification_args(tiny_swin, fashion_mnist_dir, f"--ckpt_path={ckpt}", f"--output={output}", "--evaluate")
+    )
+    assert report["runtime"] == {".onnx": "onnxruntime", ".xml": "openvino"}[suffix] and report["dynamic_size"]
+    model = ExportedModel(output)
+    torch.manual_seed(0)
+    # One file: the batch, the height and the width are free (32 is the training size; 40 x 24 needs padding).
+    for shape in ((1, 1, 32, 32), (3, 1, 32, 32), (2, 1, 40, 24), (2, 1, 64, 48)):
+        images = torch.randn(shape)
+        with torch.no_grad():
+            expected = task.backbone(images).numpy()
+        np.testing.assert_allclose(model(images.numpy())[0], expected, atol=1e-4, rtol=0)
+    assert report["max_abs_diff"] < 1e-4
+    # --evaluate: the task's own test loop, with the checkpoint's weights and with the file, gives plain PyTorch's.
+    expected_top1 = pytest.approx(pytorch_test_top1(task.backbone, fashion_mnist_dir))
+    assert report["pytorch_metrics"]["test/top1"] == expected_top1
+    assert report["exported_metrics"]["test/top1"] == expected_top1
+
+
+def test_a_fixed_size_graph_names_its_size(tiny_swin, classifier_checkpoint, tmp_path):
+    _, ckpt = classifier_checkpoint
+    output = tmp_path / "fixed.onnx"
+    main(
+        classification_args(
+            tiny_swin, tmp_path / "no-data", f"--ckpt_path={ckpt}", f"--output={output}", "--input_size=[32, 32]"
+        )
+    )
+    with pytest.raises(
+        ValueError, match=r"takes images of shape \(any, 1, 32, 32\), got \(1, 1, 64, 64\).*--input_size"
+    ):
+        ExportedModel(output)(np.zeros((1, 1, 64, 64), dtype=np.float32))
 
 
 def input_quantization_scale(path: Path) -> float:
-    """The scale of the QuantizeLinear applied to the model's input images."""
+    """The scale of the QuantizeLinear on the input of the patch embedding's convolution (the images, padded to the
+    patch grid)."""
     graph = onnx.load(str(path)).graph
-    (node,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "images"]
-    (scale,) = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == node.input[1]]
+    producers = {output: node for node in graph.node for output in node.output}
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    dequantize = producers[conv.input[0]]
+    quantize = producers[dequantize.input[0]]
+    assert quantize.op_type == "QuantizeLinear"
+    (scale,) = [onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name == quantize.input[1]]
     return float(scale)
 
 
-def test_static_int8_is_calibrated_on_training_images(tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path):
+def test_onnxruntime_int8_is_calibrated_on_training_images(
+    tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path
+):
     _, ckpt = classifier_checkpoint
     output = tmp_path / "int8.onnx"
-    extra = (f"--ckpt_path={ckpt}", f"--output={output}", "--quantize=int8", "--calibration_images=24")
+    extra = (f"--ckpt_path={ckpt}", f"--output={output}", "--precision=int8", "--calibration_images=24", "--evaluate")
     report = main(classification_args(tiny_swin, fashion_mnist_dir, *extra))
-    assert report["quantization"] == "static"
     assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(output)
     # The input's uint8 range is the min/max of the normalised training images: the fixture's random pixels
     # span 0..255, i.e. (0 - mean) / std .. (1 - mean) / std.
     low, high = (0 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0], (1 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
     assert input_quantization_scale(output) == pytest.approx((high - low) / 255, rel=1e-5)
+    # 20 test images: at most two change their predicted class.
+    delta = report["exported_metrics"]["test/top1"] - report["pytorch_metrics"]["test/top1"]
+    assert abs(delta) <= 0.1 + 1e-9
 
 
-def test_dynamic_int8_without_data(tiny_swin, classifier_checkpoint, tmp_path, capsys):
-    task, ckpt = classifier_checkpoint
-    output = tmp_path / "int8.onnx"
-    report = main(
-        classification_args(
-            tiny_swin, tmp_path / "no-data", f"--ckpt_path={ckpt}", f"--output={output}", "--quantize=int8"
-        )
-    )
-    assert report["quantization"] == "dynamic" and "no calibration data" in capsys.readouterr().out
-    assert "DynamicQuantizeLinear" in op_types(output) and "QuantizeLinear" not in op_types(output)
-    torch.manual_seed(0)
-    images = torch.randn(2, 1, 32, 32)
-    with torch.no_grad():
-        expected = task.backbone(images).numpy()
-    assert np.abs(OnnxModel(output)(images) - expected).max() < 0.1 * np.abs(expected).max()
+def test_openvino_int8_is_nncf_quantized_and_keeps_top1(tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path):
+    import openvino as ov
 
-
-def test_optimized_fp32_matches_pytorch_and_its_int8_keeps_top1(
-    tiny_swin, fashion_mnist_dir, classifier_checkpoint, tmp_path
-):
-    task, ckpt = classifier_checkpoint
-    fp32_out, int8_out = tmp_path / "opt.onnx", tmp_path / "opt_int8.onnx"
-    common = (f"--ckpt_path={ckpt}", "--optimize", "--evaluate")
-    fp32_report = main(classification_args(tiny_swin, fashion_mnist_dir, *common, f"--output={fp32_out}"))
-    # The optimizer rewrote the graph: each block's fc1 bias + GELU became one fused operator.
-    assert fp32_report["fused_operators"]["BiasGelu"] == sum(tiny_swin["depths"])
-    assert "BiasGelu" in op_types(fp32_out) and "Gelu" not in op_types(fp32_out)
-    torch.manual_seed(0)
-    for batch in (1, 3):
-        images = torch.randn(batch, 1, 32, 32)
-        with torch.no_grad():
-            expected = task.backbone(images).numpy()
-        np.testing.assert_allclose(OnnxModel(fp32_out)(images), expected, atol=1e-4, rtol=0)
-
-    int8_args = (*common, f"--output={int8_out}", "--quantize=int8", "--int8_method=dynamic")
-    int8_report = main(classification_args(tiny_swin, fashion_mnist_dir, *int8_args))
-    assert int8_report["quantization"] == "dynamic"
-    assert {"DynamicQuantizeLinear", "BiasGelu"} <= op_types(int8_out)
-    assert int8_report["fp32_top1"] == pytest.approx(fp32_report["fp32_top1"])
-    # 20 test images: at most one changes its predicted class.
-    assert abs(int8_report["int8_top1"] - int8_report["fp32_top1"]) <= 0.05 + 1e-9
-
-
-def test_static_int8_method_needs_data(tiny_swin, classifier_checkpoint, tmp_path):
     _, ckpt = classifier_checkpoint
-    extra = (f"--ckpt_path={ckpt}", f"--output={tmp_path / 'x.onnx'}", "--quantize=int8", "--int8_method=static")
-    with pytest.raises(ValueError, match="--int8_method static needs the config's training images"):
-        main(classification_args(tiny_swin, tmp_path / "no-data", *extra))
+    output = tmp_path / "int8.xml"
+    extra = (f"--ckpt_path={ckpt}", f"--output={output}", "--precision=int8", "--calibration_images=24", "--evaluate")
+    report = main(classification_args(tiny_swin, fashion_mnist_dir, *extra))
+    ops = {op.get_type_name() for op in ov.Core().read_model(str(output)).get_ops()}
+    assert "FakeQuantize" in ops and output.with_suffix(".bin").is_file()
+    assert ExportedModel(output).precision == "int8"
+    delta = report["exported_metrics"]["test/top1"] - report["pytorch_metrics"]["test/top1"]
+    assert abs(delta) <= 0.1 + 1e-9
 
 
-def test_segmentation_export_matches_pytorch(tmp_path):
+def test_optimized_fp32_matches_pytorch(tiny_swin, classifier_checkpoint, tmp_path):
+    _, ckpt = classifier_checkpoint
+    output = tmp_path / "opt.onnx"
+    report = main(
+        classification_args(tiny_swin, tmp_path / "no-data", f"--ckpt_path={ckpt}", "--optimize", f"--output={output}")
+    )
+    # The optimizer rewrote the graph: each block's fc1 bias + GELU became one fused operator.
+    assert report["fused_operators"]["BiasGelu"] == sum(tiny_swin["depths"])
+    assert "BiasGelu" in op_types(output) and "Gelu" not in op_types(output)
+    assert report["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--precision=int8",), "--precision int8 is calibrated on the config's training images"),
+        (("--output=m.xml", "--runtime=onnxruntime"), r"m.xml is a openvino file, not onnxruntime's: name it m.onnx"),
+        (("--output=m.pt",), r"--output m.pt: use a .onnx \(onnxruntime\) or .xml \(OpenVINO\) file"),
+        (("--output=m.onnx", "--precision=bf16"), "onnxruntime's CPU provider has no bf16 kernels"),
+        (("--output=m.xml", "--optimize"), "--optimize is onnxruntime's graph optimizer"),
+    ],
+)
+def test_bad_export_choices_are_named(extra, message, tiny_swin, classifier_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, ckpt = classifier_checkpoint
+    args = classification_args(tiny_swin, tmp_path / "no-data", f"--ckpt_path={ckpt}", "--output=m.onnx", *extra)
+    with pytest.raises(ConfigError, match=message):
+        main(args)
+
+
+def test_segmentation_file_of_any_size_matches_pytorch(tmp_path):
     output = tmp_path / "seg.onnx"
     backbone = json.dumps({"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4})
     args = [
@@ -166,23 +192,36 @@ def test_segmentation_export_matches_pytorch(tmp_path):
         str(SEGMENTATION),
         f"--model.init_args.backbone_kwargs={backbone}",
         "--model.init_args.num_classes=4",
-        "--input_size=[64, 96]",
+        f"--data.init_args.data_root={tmp_path / 'no-data'}",
         f"--output={output}",
     ]
     report = main(args)
-    assert report["fp32_max_abs_diff"] < 1e-4
+    assert report["max_abs_diff"] < 1e-4 and report["dynamic_size"]
     task = build_task(parse_config(args), None)  # the config's seed makes the same weights
     assert isinstance(task, SegmentationTask)
-    images = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        expected = task(images).numpy()
-    assert expected.shape == (2, 4, 64, 96)
-    np.testing.assert_allclose(OnnxModel(output)(images), expected, atol=1e-4, rtol=0)
+    model = ExportedModel(output)
+    for height, width in ((128, 128), (160, 96)):
+        images = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            expected = task(images).numpy()
+        assert expected.shape == (2, 4, height, width)
+        np.testing.assert_allclose(model(images.numpy())[0], expected, atol=1e-4, rtol=0)
 
 
-def test_detection_export_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(ValueError, match="DetectionTask cannot be exported"):
-        main(["--config", str(DETECTION), "--model.init_args.num_classes=3", f"--output={tmp_path / 'det.onnx'}"])
+def test_detection_exports_at_the_test_size(tmp_path):
+    output = tmp_path / "det.onnx"
+    backbone = json.dumps({"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "window_size": 4})
+    args = [
+        "--config",
+        str(DETECTION),
+        f"--model.init_args.backbone_kwargs={backbone}",
+        "--model.init_args.num_classes=3",
+        f"--data.init_args.root={tmp_path / 'no-data'}",
+        f"--output={output}",
+    ]
+    report = main(args)
+    assert report["max_abs_diff"] < 1e-3 and not report["dynamic_size"]
+    assert ExportedModel(output).input_shapes == [(3, 128, 128)]
 
 
 def test_checkpoint_of_another_model_is_named(fashion_mnist_dir, classifier_checkpoint, tmp_path):
@@ -202,7 +241,7 @@ def test_num_classes_unknown_without_data_or_checkpoint(tmp_path):
         main(args)
 
 
-def test_a_composed_paper_recipe_exports_with_random_weights(tmp_path):
+def test_export_parses_as_fit_without_fit_only_arguments(tmp_path):
     """``export`` composes ``__base__`` as ``fit`` does (this recipe names its model size over a base), and offers
     none of fit's own arguments."""
     recipe = REPO / "configs" / "classification" / "swin_t_imagenet1k.yaml"
@@ -210,8 +249,6 @@ def test_a_composed_paper_recipe_exports_with_random_weights(tmp_path):
     config = parse_config([*args, "--model.init_args.num_classes=7"])
     assert config.model.init_args.backbone == "swin_t" and config.model.init_args.backbone_kwargs["img_size"] == 224
     assert not {"overwrite", "checkpoint_every_minutes", "test_after_fit"} & set(config.as_dict())
-    network = inference_network(build_task(config, None))
-    assert network.head.out_features == 7 and sum(p.numel() for p in network.parameters()) > 27e6  # Swin-T
     for fit_only in ("--overwrite=true", "--checkpoint_every_minutes=5", "--collective_timeout=9"):
         with pytest.raises(ConfigError, match=f"unknown config key `{fit_only[2:].split('=')[0]}`"):
             parse_config([*args, fit_only])
@@ -243,7 +280,7 @@ def test_the_ema_weights_are_exported(tiny_swin, tmp_path):
     path = tmp_path / "ema.ckpt"
     torch.save({"state_dict": task.state_dict(), "hyper_parameters": {"num_classes": 10}}, path)
     args = classification_args(tiny_swin, tmp_path / "no-data", "--model.init_args.ema_decay=0.5", "--output=m.onnx")
-    network = inference_network(build_task(parse_config(args), str(path)))
+    network = build_task(parse_config(args), str(path)).export_network()
     task.eval()
     with torch.no_grad():
         ema, raw, exported = task.ema.module(images), task.backbone(images), network(images)
