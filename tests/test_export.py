@@ -200,12 +200,17 @@ def test_segmentation_file_of_any_size_matches_pytorch(tmp_path):
     task = build_task(parse_config(args), None)  # the config's seed makes the same weights
     assert isinstance(task, SegmentationTask)
     model = ExportedModel(output)
-    for height, width in ((128, 128), (160, 96)):
+    for height, width in ((128, 128), (192, 160), (97, 130)):
         images = torch.randn(2, 3, height, width)
         with torch.no_grad():
             expected = task(images).numpy()
         assert expected.shape == (2, 4, height, width)
         np.testing.assert_allclose(model(images.numpy())[0], expected, atol=1e-4, rtol=0)
+    # Below 97 (window 4, 4 stages of patch 4) the last map is smaller than the window, which the official rule
+    # shrinks: the graph does not, so it refuses.
+    assert model.min_size == (97, 97)
+    with pytest.raises(ValueError, match="serves images of at least 97x97, got 96x128.*--input_size H W"):
+        model(np.zeros((1, 3, 96, 128), dtype=np.float32))
 
 
 def test_detection_exports_at_the_test_size(tmp_path):

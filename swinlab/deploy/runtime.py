@@ -95,6 +95,32 @@ def _ov_is_quantized(model: Any) -> bool:
     return any(op.get_type_name() in _QUANTIZED_OV_OPS for op in model.get_ops())
 
 
+# The sizes a graph serves, recorded by swinlab.deploy.onnx_graph ("H,W"): an .onnx file's metadata, an IR's rt_info.
+SIZE_KEYS = ("swinlab.min_size", "swinlab.input_size")
+
+
+def _onnx_size_records(path: Path) -> dict[str, str]:
+    import onnx
+
+    props = onnx.load(str(path), load_external_data=False).metadata_props
+    return {p.key: p.value for p in props if p.key in SIZE_KEYS}
+
+
+def _ir_size_records(model: Any) -> dict[str, str]:
+    return {key: model.get_rt_info([key]).astype(str) for key in SIZE_KEYS if model.has_rt_info([key])}
+
+
+def _record_sizes_in_onnx(path: Path, records: dict[str, str]) -> None:
+    """Add ``records`` to the metadata of the (single-file) ONNX graph at ``path``."""
+    import onnx
+
+    if not records:
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **records})
+    onnx.save_model(model, str(path))
+
+
 def _recorded_precision(model: Any) -> Precision:
     """The precision an OpenVINO model was written for: int8 when quantized, else its recorded inference hint."""
     if _ov_is_quantized(model):
@@ -130,10 +156,16 @@ class ExportedModel:
             raise ConfigError(f"threads must be >= 1, got {threads}")
         if self.runtime == "onnxruntime" and self.path.suffix != ".onnx":
             raise ConfigError(f"{self.path} is an OpenVINO IR: run it with runtime openvino, or pass the .onnx file")
+        self.size_records: dict[str, str] = {}
+        if self.path.suffix == ".onnx":
+            self.size_records = _onnx_size_records(self.path)
         if self.runtime == "onnxruntime":
             self._load_onnxruntime(precision, threads)
         else:
             self._load_openvino(precision, threads)
+        min_size = self.size_records.get("swinlab.min_size")
+        #: The smallest (H, W) a graph of any image size serves (None: no such bound recorded).
+        self.min_size = tuple(int(side) for side in min_size.split(",")) if min_size else None
 
     def _resolve(self, quantized: bool, recorded: Precision, requested: Precision | None) -> Precision:
         if quantized and requested not in (None, "int8"):
@@ -167,6 +199,7 @@ class ExportedModel:
     def _load_openvino(self, precision: Precision | None, threads: int | None) -> None:
         core = _openvino_core()
         model = core.read_model(str(self.path))
+        self.size_records |= _ir_size_records(model)
         self.precision = self._resolve(_ov_is_quantized(model), _recorded_precision(model), precision)
         if self.precision == "bf16":
             _check_bf16(core)
@@ -200,6 +233,16 @@ class ExportedModel:
                 raise ValueError(
                     f"{self.path} takes {name} of shape ({wanted}), got {tuple(x.shape)}: resize the input, or export "
                     "again for this size (--input_size H W) or for any size (no --input_size)"
+                )
+            if (
+                self.min_size is not None
+                and x.ndim == 4
+                and (x.shape[2] < self.min_size[0] or x.shape[3] < self.min_size[1])
+            ):
+                raise ValueError(
+                    f"{self.path} serves images of at least {self.min_size[0]}x{self.min_size[1]}, got "
+                    f"{x.shape[2]}x{x.shape[3]}: there a stage's map is smaller than its window, which the official "
+                    "rule shrinks; export again for this size with --input_size H W"
                 )
         feeds = {name: np.ascontiguousarray(x, dtype=np.float32) for name, x in zip(self.input_names, inputs)}
         return [np.asarray(output) for output in self._run(feeds)]
@@ -297,12 +340,14 @@ def write_deployable(
         raise ConfigError("onnxruntime's CPU provider has no bf16 kernels: use --runtime openvino")
     output.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"output": str(output), "runtime": runtime, "precision": precision}
+    sizes = _onnx_size_records(onnx_path)
     if runtime == "onnxruntime":
         if precision == "fp32":
             _save_onnx(onnx_path, output)
         else:
             batches = _calibration_list(calibration, "onnxruntime INT8 (static QDQ)")
             quantize_int8(onnx_path, output, batches)
+            _record_sizes_in_onnx(output, sizes)  # the quantizer writes a new graph without them
             report["calibration_batches"] = len(batches)
             report["quantized_ops"] = _count_onnx_ops(output, {"QuantizeLinear"})
         return report
@@ -326,6 +371,8 @@ def write_deployable(
         report["calibration_batches"] = len(batches)
         report["quantized_ops"] = sum(op.get_type_name() in _QUANTIZED_OV_OPS for op in model.get_ops())
     model.set_rt_info(_OV_HINTS[precision], _PRECISION_KEY)
+    for key, value in sizes.items():
+        model.set_rt_info(value, [key])
     # compress_to_fp16=False: fp16 weights would round fp32 ones; bf16 inference converts them when compiling.
     ov.save_model(model, str(output), compress_to_fp16=False)
     return report

@@ -193,12 +193,16 @@ class DetectionTask(SwinTask):
         _, height, width = model.input_shapes[0]
         self.exported_network = ExportedDetector(model, (height, width), str(model.path))
 
-    @property
-    def example_input_array(self) -> tuple[list[torch.Tensor]]:
-        """``forward``'s one argument: a list of one (3, S, S) zero image, S the test size (the last ``min_size``)."""
+    def example_image_shape(self) -> tuple[int, int, int]:
+        """(3, S, S), S the test size (the last ``min_size``)."""
         min_size = self.hparams.min_size
         size = min_size if isinstance(min_size, int) else min_size[-1]
-        return ([torch.zeros(3, size, size)],)
+        return 3, size, size
+
+    @property
+    def example_input_array(self) -> tuple[list[torch.Tensor]]:
+        """``forward``'s one argument: a list of one zero image of ``example_image_shape``."""
+        return ([torch.zeros(*self.example_image_shape())],)
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
