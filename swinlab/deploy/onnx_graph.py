@@ -43,14 +43,16 @@ def min_dynamic_size(network: nn.Module) -> tuple[int, int]:
 
     With ``clip_window_to_feature`` (the official rule) a stage whose map is smaller than the window shrinks the
     window to it; the graph keeps the window, so the last stage's map, ceil(H / (patch * 2^(stages - 1))), must be at
-    least the window: H > (window - 1) * patch * 2^(stages - 1), 193 for Swin-T (window 7). Without the rule any
-    size is served (2: torch.export treats sizes 0 and 1 as constants).
+    least the window: H > (window - 1) * patch * 2^(stages - 1), 193 for Swin-T (window 7). Without the rule a
+    classifier serves any size (2: torch.export treats sizes 0 and 1 as constants), a segmenter (``out_indices``)
+    those whose last map has at least 2 tokens: the export specialises its head to maps of more than one token.
     """
     backbone = swin_backbone(network)
-    if not backbone.options.clip_window_to_feature:
+    clip = backbone.options.clip_window_to_feature
+    if not clip and backbone.out_indices is None:
         return 2, 2
     stages = backbone.num_layers if backbone.out_indices is None else max(backbone.out_indices) + 1
-    side = (backbone.options.window_size - 1) * backbone.patch_size * 2 ** (stages - 1) + 1
+    side = ((backbone.options.window_size - 1) if clip else 1) * backbone.patch_size * 2 ** (stages - 1) + 1
     return max(side, 2), max(side, 2)
 
 
