@@ -151,7 +151,8 @@ def build_task(
         init_args["num_classes"] = saved["num_classes"]
     elif isinstance(data_classes, int):
         init_args["num_classes"] = data_classes
-    if init_args.get("num_classes") is None:
+    # A task without classes (pre-training) has no num_classes argument.
+    if "num_classes" in init_args and init_args["num_classes"] is None:
         raise ConfigError(
             "num_classes is unknown: the config links it from the data, which is not available here, and no "
             "--ckpt_path gives it; pass --model.init_args.num_classes N or --ckpt_path CKPT"
