@@ -253,9 +253,25 @@ def parity_inputs(channels: int, size: tuple[int, int], dynamic: bool, detection
     return [torch.randn(2, channels, *s, generator=generator) for s in sizes]
 
 
+def serves_any_size(network: torch.nn.Module, size: tuple[int, int], min_size: Any) -> bool:
+    """Whether a graph of any image size can serve ``size`` (H, W), the task's own; says why not."""
+    try:
+        smallest = min_size(network)
+    except ValueError as err:  # a backbone without such a graph (timm's)
+        print(f"{err}: the graph is fixed at {size[0]}x{size[1]}")
+        return False
+    if size[0] >= smallest[0] and size[1] >= smallest[1]:
+        return True
+    print(
+        f"the graph is fixed at {size[0]}x{size[1]}: a graph of any size serves {smallest[0]}x{smallest[1]} and "
+        "larger, where no stage's map is smaller than its window (the official rule shrinks the window there)"
+    )
+    return False
+
+
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """``python -m swinlab export ...``; returns what it printed (paths, runtime, parity, metrics)."""
-    from swinlab.deploy.onnx_graph import export_onnx
+    from swinlab.deploy.onnx_graph import export_onnx, min_dynamic_size
     from swinlab.deploy.runtime import ExportedModel, fastest_runtime, write_deployable
 
     config = parse_config(args)
@@ -284,8 +300,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
 
             export_detector(task, graph, size)
         else:
-            export_onnx(network, graph, (channels, *size), dynamic_size=config.input_size is None)
-        report["dynamic_size"] = not detection and config.input_size is None
+            dynamic = config.input_size is None and serves_any_size(network, size, min_dynamic_size)
+            export_onnx(network, graph, (channels, *size), dynamic_size=dynamic)
+        report["dynamic_size"] = not detection and dynamic
         inputs = parity_inputs(channels, size, report["dynamic_size"], detection)
 
         def fastest() -> str:
@@ -295,7 +312,14 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             print(f"--runtime auto: {runtime} is faster here on the fp32 graph ({timings})")
             return runtime
 
-        output, runtime = output_and_runtime(config.output, config.runtime, fastest)
+        output, runtime = output_and_runtime(
+            config.output, config.runtime, (lambda: "onnxruntime") if detection else fastest
+        )
+        if detection and runtime == "openvino":
+            raise ConfigError(
+                "a detector exports for onnxruntime only: OpenVINO does not convert the ONNX Loop of torchvision's "
+                "traced post-processing; use --output F.onnx (or --runtime onnxruntime)"
+            )
         report.update(output=str(output), runtime=runtime, precision=config.precision)
         if config.optimize:
             if runtime != "onnxruntime":

@@ -23,7 +23,7 @@ from PIL import Image
 
 from swinlab.cli import main
 from swinlab.deploy.onnx_graph import served_size
-from swinlab.deploy.runtime import write_deployable
+from swinlab.deploy.runtime import ExportedModel, write_deployable
 from swinlab.export import main as export
 from swinlab.tasks import ClassificationTask, DetectionTask, SegmentationTask
 from swinlab.validation import ConfigError
@@ -217,6 +217,19 @@ def test_segmentation_validate_with_the_file_reports_the_checkpoint_metrics(segm
 DETECTION = REPO / "configs" / "detection" / "quickstart_shapes.yaml"
 SIZE = 64  # every shapes image: the one size the exported detector serves
 TINY_HEADS = {"fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 16, "min_size": SIZE, "max_size": SIZE}
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".xml"])
+def test_segmentation_int8_in_both_runtimes_keeps_the_miou(segmentation, suffix):
+    """onnxruntime's shape inference gives up on a graph of any size and NNCF's transformer scheme on UperNet's
+    concatenations: INT8 of a segmenter is written all the same (the fallbacks of ``quantize_int8`` and
+    ``write_deployable``)."""
+    output = segmentation.root / f"int8{suffix}"
+    extra = (f"--ckpt_path={segmentation.ckpt}", f"--output={output}", "--precision=int8", "--evaluate")
+    report = export([*segmentation.args, *extra, "--calibration_images=2"])
+    assert ExportedModel(output).precision == "int8"
+    pytorch, int8 = report["pytorch_metrics"]["test/mIoU"], report["exported_metrics"]["test/mIoU"]
+    assert 0 < pytorch < 1 and abs(int8 - pytorch) < 0.05
 
 
 def pseudo_truth(annotations: Path, results: list[dict]) -> None:

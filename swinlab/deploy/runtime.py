@@ -283,7 +283,14 @@ def quantize_int8(fp32_path: str | Path, output: str | Path, calibration: Iterab
     with tempfile.TemporaryDirectory() as tmp:
         # Shape inference and graph fusions first, as onnxruntime recommends before quantizing.
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
+        try:
+            quant_pre_process(str(fp32_path), str(prepared))
+        except Exception as err:  # onnxruntime raises a bare Exception where its symbolic shape inference gives up
+            if "symbolic shape inference" not in str(err):
+                raise
+            # A segmenter's graph of any size defeats it (its resizes to the input size); ONNX's own shape
+            # inference and the fusions still run.
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         if calibration is None:
             quantize_dynamic(prepared, output, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
             return "dynamic"
@@ -361,13 +368,20 @@ def write_deployable(
         import nncf
 
         batches = _calibration_list(calibration, "OpenVINO INT8 (NNCF)")
-        model = nncf.quantize(
-            model,
-            nncf.Dataset(batches),
+        try:
             # TRANSFORMER: NNCF's scheme for attention models (keeps e.g. LayerNorm/Softmax inputs in float).
-            model_type=nncf.ModelType.TRANSFORMER,
-            subset_size=len(batches),
-        )
+            quantized = nncf.quantize(
+                model, nncf.Dataset(batches), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches)
+            )
+            report["nncf_model_type"] = "transformer"
+        except nncf.InternalError as err:
+            # UperNet's concatenations: the TRANSFORMER scheme asks one scale of inputs it quantizes differently
+            # ("QConfigs for unified scale group ... are not equal"); the default scheme quantizes them alike.
+            if "unified scale group" not in str(err):
+                raise
+            quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
+            report["nncf_model_type"] = "default"
+        model = quantized
         report["calibration_batches"] = len(batches)
         report["quantized_ops"] = sum(op.get_type_name() in _QUANTIZED_OV_OPS for op in model.get_ops())
     model.set_rt_info(_OV_HINTS[precision], _PRECISION_KEY)
