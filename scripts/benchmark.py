@@ -14,17 +14,13 @@ not silently reused). Parameters and optimizer state that exist before the step 
     python scripts/benchmark.py --sizes t s b --device cuda --precisions fp32 bf16 --compile off on \\
         --batch-sizes 64 128 --json bench_cuda.json
 
-CPU inference fast paths (``--impls``, infer mode, fp32 runs on the CPU only; elsewhere they are skipped):
-``onnx-fp32``, ``onnx-int8-static``, ``onnx-int8-dynamic`` (swinlab's model exported by ``swinlab.export``
-and run by onnxruntime with as many threads as torch; static INT8 is calibrated on two random images, which sets
-its speed, not a usable accuracy), ``onnx-opt-fp32``, ``onnx-opt-int8`` (dynamic) and ``onnx-opt-int8-static``
-(the same after onnxruntime's transformer optimizer, ``export --optimize``) and ``swinlab-bf16`` (swinlab under
-bf16 autocast).
+CPU inference fast paths (``--impls``, infer mode, fp32 runs on the CPU only; elsewhere they are skipped): the
+deployed models below and ``swinlab-bf16`` (swinlab under bf16 autocast).
 
     python scripts/benchmark.py --sizes t --batch-sizes 1 8 --modes infer --threads 1 --clock thread \\
-        --impls timm swinlab onnx-fp32 onnx-int8-dynamic onnx-opt-fp32 onnx-opt-int8 swinlab-bf16
+        --impls timm swinlab onnxruntime-fp32 onnxruntime-int8 openvino-fp32 openvino-bf16 openvino-int8
 
-Deployed models (also CPU fp32 inference only): ``onnxruntime-fp32``, ``onnxruntime-int8`` (static QDQ),
+Deployed models: ``onnxruntime-fp32``, ``onnxruntime-int8`` (static QDQ),
 ``openvino-fp32``, ``openvino-bf16``, ``openvino-int8`` (NNCF) are swinlab's own fp32 ONNX file of the same model
 written by ``swinlab.deploy.runtime.write_deployable`` for that runtime and precision and run by its
 ``ExportedModel`` with as many threads as torch (INT8 calibrated on four random images: speed only). The CPU model
@@ -79,25 +75,17 @@ import torch
 import torchvision
 from torch import nn
 
+from swinlab.deploy.onnx_graph import export_onnx
 from swinlab.deploy.runtime import ExportedModel, write_deployable
-from swinlab.export import OnnxModel, export_onnx, optimize_graph, quantize_int8
 from swinlab.models import MaskGenerator, SimMIM, create_model
 from swinlab.models.kernels import AttentionKernel
 
 PEERS = ("timm", "torchvision")
 # CPU inference only: exported/quantized swinlab models under onnxruntime, and swinlab under bf16 autocast.
-ONNX_IMPLEMENTATIONS = (
-    "onnx-fp32",
-    "onnx-int8-static",
-    "onnx-int8-dynamic",
-    "onnx-opt-fp32",
-    "onnx-opt-int8",
-    "onnx-opt-int8-static",
-)
 # swinlab's fp32 ONNX file written by ``swinlab.deploy.runtime.write_deployable`` for a runtime and precision, run by
 # ``ExportedModel``: "<runtime>-<precision>".
 DEPLOYED = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8")
-FAST_PATHS = (*ONNX_IMPLEMENTATIONS, *DEPLOYED, "swinlab-bf16")
+FAST_PATHS = (*DEPLOYED, "swinlab-bf16")
 # swinlab under torch.compile whatever --compile says, so that it is timed in alternation with the eager peers (what
 # `compile: true` in a task gives); "-fused" also steps AdamW(fused=True) instead of the default foreach AdamW.
 COMPILED_SWINLAB = ("swinlab-compiled", "swinlab-compiled-fused")
@@ -157,28 +145,15 @@ _EXPORT_DIR: tempfile.TemporaryDirectory | None = None
 
 
 @lru_cache
-def onnx_model_path(impl: str, size: str, num_classes: int, image_size: int) -> str:
-    """swinlab's model exported (optimized, quantized) for ``impl``, once per process, in a folder removed at exit."""
+def onnx_model_path(size: str, num_classes: int, image_size: int) -> str:
+    """swinlab's model exported as an fp32 ONNX graph of any image size, once per process, in a folder removed at
+    exit."""
     global _EXPORT_DIR
     _EXPORT_DIR = _EXPORT_DIR or tempfile.TemporaryDirectory(prefix="swinlab-benchmark-")
     fp32 = Path(_EXPORT_DIR.name) / f"{size}_{num_classes}_{image_size}_fp32.onnx"
-    if not fp32.exists():
-        torch.manual_seed(0)
-        export_onnx(build_model("swinlab", size, num_classes, image_size).eval(), fp32, (3, image_size, image_size))
-    if impl.startswith("onnx-opt-"):
-        optimized = fp32.with_name(fp32.name.replace("fp32", "opt-fp32"))
-        if not optimized.exists():
-            optimize_graph(fp32, optimized)
-        fp32 = optimized
-    if impl in ("onnx-fp32", "onnx-opt-fp32"):
-        return str(fp32)
-    path = fp32.with_name(fp32.name.replace("fp32", impl))
-    calibration = None
-    if impl.endswith("-static"):
-        rng = np.random.default_rng(0)
-        calibration = [rng.standard_normal((1, 3, image_size, image_size), np.float32) for _ in range(2)]
-    quantize_int8(fp32, path, calibration)
-    return str(path)
+    torch.manual_seed(0)
+    export_onnx(build_model("swinlab", size, num_classes, image_size).eval(), fp32, (3, image_size, image_size))
+    return str(fp32)
 
 
 @lru_cache
@@ -186,7 +161,7 @@ def deployed_model_path(impl: str, size: str, num_classes: int, image_size: int)
     """swinlab's fp32 ONNX file written for ``impl`` ("<runtime>-<precision>"), once per process; INT8 is calibrated
     on four random images, which sets its speed, not a usable accuracy."""
     runtime, precision = impl.split("-")
-    fp32 = Path(onnx_model_path("onnx-fp32", size, num_classes, image_size))
+    fp32 = Path(onnx_model_path(size, num_classes, image_size))
     output = fp32.with_name(f"{fp32.stem}_{impl}{'.onnx' if runtime == 'onnxruntime' else '.xml'}")
     rng = np.random.default_rng(0)
     calibration = [rng.standard_normal((1, 3, image_size, image_size), np.float32) for _ in range(4)]
@@ -203,12 +178,9 @@ def make_fast_path_step(
         model = build_model("swinlab", size, num_classes, images.shape[-1], swinlab_attention)
         return make_step(model, "infer", images, images.new_zeros(0, dtype=torch.long), torch.bfloat16)
     array = images.numpy()
-    if impl in DEPLOYED:
-        path = deployed_model_path(impl, size, num_classes, images.shape[-1])
-        deployed = ExportedModel(path, threads=torch.get_num_threads())
-        return lambda: deployed(array)
-    session = OnnxModel(onnx_model_path(impl, size, num_classes, images.shape[-1]), threads=torch.get_num_threads())
-    return lambda: session(array)
+    path = deployed_model_path(impl, size, num_classes, images.shape[-1])
+    deployed = ExportedModel(path, threads=torch.get_num_threads())
+    return lambda: deployed(array)
 
 
 def make_pretrain_step(impl: str, size: str, images: torch.Tensor, swinlab_attention: str) -> Callable[[], None]:

@@ -273,11 +273,10 @@ def _onnx_input_name(path: Path) -> str:
     return next(i.name for i in graph.input if i.name not in weights)
 
 
-def quantize_int8(fp32_path: str | Path, output: str | Path, calibration: Iterable[Batch] | None) -> str:
+def quantize_int8(fp32_path: str | Path, output: str | Path, calibration: Iterable[Batch]) -> None:
     """INT8 copy of an exported fp32 model: static QDQ (per-channel 7-bit weights, uint8 activations, min/max
-    ranges seen on ``calibration`` batches) or, with no calibration batches, dynamic (int8 MatMul weights,
-    activation ranges measured per batch at run time). Returns which one."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    ranges seen on the ``calibration`` batches)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -291,9 +290,6 @@ def quantize_int8(fp32_path: str | Path, output: str | Path, calibration: Iterab
             # A segmenter's graph of any size defeats it (its resizes to the input size); ONNX's own shape
             # inference and the fusions still run.
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        if calibration is None:
-            quantize_dynamic(prepared, output, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
-            return "dynamic"
         quantize_static(
             prepared,
             output,
@@ -310,7 +306,6 @@ def quantize_int8(fp32_path: str | Path, output: str | Path, calibration: Iterab
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
-        return "static"
 
 
 def _calibration_list(calibration: Iterable[Batch] | None, what: str) -> list[Batch]:
