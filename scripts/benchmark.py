@@ -75,7 +75,7 @@ import torch
 import torchvision
 from torch import nn
 
-from swinlab.deploy.onnx_graph import export_onnx
+from swinlab.deploy.onnx_graph import export_onnx, min_dynamic_size
 from swinlab.deploy.runtime import ExportedModel, write_deployable
 from swinlab.models import MaskGenerator, SimMIM, create_model
 from swinlab.models.kernels import AttentionKernel
@@ -146,13 +146,15 @@ _EXPORT_DIR: tempfile.TemporaryDirectory | None = None
 
 @lru_cache
 def onnx_model_path(size: str, num_classes: int, image_size: int) -> str:
-    """swinlab's model exported as an fp32 ONNX graph of any image size, once per process, in a folder removed at
-    exit."""
+    """swinlab's model exported as an fp32 ONNX graph, once per process, in a folder removed at exit."""
     global _EXPORT_DIR
     _EXPORT_DIR = _EXPORT_DIR or tempfile.TemporaryDirectory(prefix="swinlab-benchmark-")
     fp32 = Path(_EXPORT_DIR.name) / f"{size}_{num_classes}_{image_size}_fp32.onnx"
     torch.manual_seed(0)
-    export_onnx(build_model("swinlab", size, num_classes, image_size).eval(), fp32, (3, image_size, image_size))
+    model = build_model("swinlab", size, num_classes, image_size).eval()
+    # As ``export`` writes it: for any size unless the windows of image_size are smaller than the graph serves.
+    dynamic = image_size >= min_dynamic_size(model)[0]
+    export_onnx(model, fp32, (3, image_size, image_size), dynamic_size=dynamic)
     return str(fp32)
 
 

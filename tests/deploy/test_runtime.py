@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from swinlab.deploy import runtime
+from swinlab.deploy.onnx_graph import export_onnx
 from swinlab.deploy.runtime import ExportedModel, cpu_has_bf16, fastest_runtime, write_deployable
-from swinlab.export import export_onnx
 from swinlab.tasks import ClassificationTask
 from swinlab.validation import ConfigError
 from tests.helpers import TINY_SWIN
