@@ -63,10 +63,19 @@ def _check_model_file(path: Path) -> Runtime:
     return SUFFIXES[path.suffix]
 
 
-def _openvino_core() -> Any:
-    import openvino as ov
+def _openvino() -> Any:
+    """The ``openvino`` module, or a one-line error saying how to get it."""
+    try:
+        import openvino
+    except ImportError as err:
+        raise ConfigError(
+            "OpenVINO is not installed: pip install -e '.[export]', or use --runtime onnxruntime"
+        ) from err
+    return openvino
 
-    return ov.Core()
+
+def _openvino_core() -> Any:
+    return _openvino().Core()
 
 
 def cpu_has_bf16(core: Any | None = None) -> bool:
@@ -354,7 +363,7 @@ def write_deployable(
             report["quantized_ops"] = _count_onnx_ops(output, {"QuantizeLinear"})
         return report
 
-    import openvino as ov
+    ov = _openvino()
 
     if precision == "bf16":
         _check_bf16(_openvino_core())
