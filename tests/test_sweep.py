@@ -207,11 +207,14 @@ def test_python_m_swinlab_sweep_dispatches_and_reports_bad_input(tmp_path):
         sweep.main([*command[4:-3], "--seeds", "7"])
 
 
-def interrupt_first_started_job(jobs_dir: Path, interrupted: list[str], timeout_s: float = 180.0) -> None:
+def interrupt_first_started_job(
+    jobs_dir: Path, interrupted: list[str], stop: threading.Event, timeout_s: float = 180.0
+) -> None:
     """SIGINT to the first local submitit job whose fit has started (Lightning logged its devices), as
-    ``job.cancel()`` does; its id goes to ``interrupted``."""
+    ``job.cancel()`` does; its id goes to ``interrupted``. Gives up when ``stop`` is set (the sweep is over: a
+    finished job's pid may belong to another process by then)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         for log in jobs_dir.glob("*/*_0_log.*"):
             if "GPU available" in log.read_text(errors="replace"):
                 job_id = log.parent.name  # a local job's id is the pid of its controller process
@@ -245,12 +248,18 @@ def test_submitit_sweep_gathers_results_and_resubmits_a_killed_run(
         "--time",
         "10",
         *tiny_fit_args(fashion_mnist_dir, tiny_swin),
+        "--trainer.max_epochs=4",  # a few seconds of fitting, in which the killer catches one job
     ]
     interrupted: list[str] = []
-    killer = threading.Thread(target=interrupt_first_started_job, args=(out / "submitit", interrupted))
+    stop = threading.Event()
+    killer = threading.Thread(target=interrupt_first_started_job, args=(out / "submitit", interrupted, stop))
     killer.start()
-    assert sweep.main(args) == 1
-    killer.join()
+    try:
+        status = sweep.main(args)
+    finally:
+        stop.set()
+        killer.join()
+    assert status == 1
     assert len(interrupted) == 1 and f"failed (job {interrupted[0]}" in caplog.text
     finished = list(out.glob("*/seed3/result.json"))
     assert len(finished) == 1
