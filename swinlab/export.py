@@ -38,11 +38,10 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from swinlab.cli import SwinLabCLI, build_cli
+from swinlab.deploy.runtime import SUFFIXES
 from swinlab.models.checkpoint_file import CheckpointFileError, read_lightning_checkpoint
 from swinlab.tasks import DetectionTask
 from swinlab.validation import ConfigError, data_problems, validate_run_config
-
-SUFFIXES = {".onnx": "onnxruntime", ".xml": "openvino"}
 
 
 class ExportCLI(SwinLabCLI):
